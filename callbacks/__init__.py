@@ -1,0 +1,1 @@
+"""Lightning callbacks, installed as ``infinity_lightning.callbacks``."""

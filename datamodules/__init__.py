@@ -1,0 +1,1 @@
+"""Lightning DataModules, installed as ``infinity_lightning.datamodules``."""

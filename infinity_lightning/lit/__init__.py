@@ -1,0 +1,1 @@
+"""LightningModules for tokenizer training and bitwise VAR training."""

@@ -1,0 +1,1 @@
+"""Built-in OmegaConf recipes (YAML files in ``var/`` and ``tokenizer/``)."""
