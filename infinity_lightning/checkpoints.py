@@ -295,3 +295,15 @@ def save_tokenizer(vae, path: PathLike, format: Optional[str] = None) -> Path:
             meta[_SAFETENSORS_CONFIG_KEY] = json.dumps(cfg_dict)
         return atomic_save_safetensors(sd, path, metadata=meta)
     raise ValueError(f"unknown tokenizer export format {format!r}; expected 'released' or 'safetensors'")
+
+
+# ============================================================================================
+# Transformer (implemented in transformer_checkpoints.py, re-exported here: one place to load from)
+# ============================================================================================
+from infinity_lightning.transformer_checkpoints import (  # noqa: E402,F401
+    extract_transformer_state,
+    infer_transformer_config,
+    load_transformer,
+    save_transformer,
+    transformer_state_dict,
+)
