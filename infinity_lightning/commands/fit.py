@@ -1,0 +1,139 @@
+"""``infinity-lightning fit RECIPE [key=value ...]``: train from a recipe.
+
+The recipe's top-level ``kind`` picks the builder: ``var`` (bitwise VAR transformer,
+:func:`infinity_lightning.lit.build.build_var_training`) or ``tokenizer`` (BSQ-VAE,
+``infinity_lightning.lit.tokenizer_module.build_tokenizer_training``).  Recipes without
+``kind`` are recognised by a ``task`` key or by their folder (``var/``, ``tokenizer/``).
+
+Outputs go to ``output_dir`` (recipe key, or ``--output-dir``): the resolved recipe
+``recipe.yaml`` (every interpolation and override applied), TensorBoard logs under ``tb/``,
+checkpoints under ``checkpoints/`` (VAR recipes' ``callbacks.checkpoint``).  ``--ckpt-path``
+(or the recipe's ``ckpt_path``) resumes a run from a Lightning checkpoint; ``last`` picks the
+newest checkpoint in ``<output_dir>/checkpoints``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
+
+KINDS = ("var", "tokenizer")
+#: top-level keys this command consumes (never passed to the builders)
+_RUN_KEYS = ("kind", "output_dir", "ckpt_path")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the ``fit`` subcommand."""
+    parser.add_argument("recipe", help="recipe file or built-in name (e.g. var/quickstart, tokenizer/tiny_cpu)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="OmegaConf dot-list overrides (trainer.max_steps=100; +new.key=1 adds a key)")
+    parser.add_argument("--output-dir", default=None, help="run folder (default: the recipe's output_dir)")
+    parser.add_argument("--ckpt-path", default=None,
+                        help="resume from this Lightning checkpoint ('last': newest in <output_dir>/checkpoints)")
+    parser.add_argument("--logger", choices=("tensorboard", "csv", "none"), default="tensorboard",
+                        help="experiment logger (default tensorboard)")
+    parser.add_argument("--dry-run", action="store_true", help="build everything and stop before training")
+
+
+def recipe_kind(cfg: Any, path: Path) -> str:
+    """``kind`` of a recipe: the ``kind`` key, else ``task``, else the parent folder name."""
+    kind = cfg.get("kind") or cfg.get("task") or path.parent.name
+    if kind not in KINDS:
+        raise ValueError(f"recipe {path}: kind {kind!r} is not one of {KINDS}; set a top-level 'kind:' key")
+    return str(kind)
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], output_dir: Path) -> Optional[str]:
+    """A checkpoint path, with ``last`` meaning the newest ``*.ckpt`` under ``output_dir/checkpoints``."""
+    if ckpt_path in (None, "", "none", "null"):
+        return None
+    if ckpt_path == "last":
+        folder = output_dir / "checkpoints"
+        last = folder / "last.ckpt"
+        if last.exists():
+            return str(last)
+        found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoint in {folder}")
+        return str(found[-1])
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
+    return str(ckpt_path)
+
+
+def prepare(recipe: str, overrides: Sequence[str] = (), output_dir: Optional[str] = None,
+            ckpt_path: Optional[str] = None, logger: str = "tensorboard") -> Dict[str, Any]:
+    """Load, build and set up a run without starting it.
+
+    Returns ``{"kind", "cfg", "module", "datamodule", "trainer", "ckpt_path", "output_dir"}``;
+    the resolved recipe is written to ``<output_dir>/recipe.yaml``.
+    """
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+
+    from ..recipes import load_recipe, resolve_recipe, save_recipe, to_dict
+
+    path = resolve_recipe(recipe)
+    overrides = list(overrides)
+    raw = load_recipe(path, overrides)
+    kind = recipe_kind(raw, path)
+    if kind == "var":
+        from ..lit.build import build_var_training, load_var_recipe
+
+        cfg = load_var_recipe(path, overrides)
+    else:
+        cfg = raw
+    out = Path(output_dir or cfg.get("output_dir") or f"runs/{path.stem}")
+    if kind == "var":
+        cfg.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve_ckpt_path(ckpt_path if ckpt_path is not None else cfg.get("ckpt_path"), out)
+
+    if kind == "var":
+        module, datamodule, trainer_kwargs, callbacks = build_var_training(cfg)
+    else:
+        from ..lit.tokenizer_module import build_tokenizer_training
+
+        plain = to_dict(cfg, str(path))
+        for key in _RUN_KEYS:
+            plain.pop(key, None)
+        module, datamodule, trainer_kwargs, callbacks = build_tokenizer_training(OmegaConf.create(plain))
+
+    saved = to_dict(cfg, str(path))
+    saved["output_dir"] = str(out)
+    if ckpt is not None:
+        saved["ckpt_path"] = ckpt
+    save_recipe(saved, out / "recipe.yaml")
+
+    trainer_kwargs = dict(trainer_kwargs)
+    trainer_kwargs.setdefault("default_root_dir", str(out))
+    if "logger" not in trainer_kwargs:
+        if logger == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="tb", version="")
+        elif logger == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            trainer_kwargs["logger"] = CSVLogger(save_dir=str(out), name="csv", version="")
+        else:
+            trainer_kwargs["logger"] = False
+    callbacks = list(callbacks) + list(trainer_kwargs.pop("callbacks", None) or [])
+    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs)
+    return {"kind": kind, "cfg": cfg, "module": module, "datamodule": datamodule, "trainer": trainer,
+            "ckpt_path": ckpt, "output_dir": out}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``infinity-lightning fit``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_ = prepare(args.recipe, args.overrides, args.output_dir, args.ckpt_path, args.logger)
+    print(f"fit: {run_['kind']} recipe, outputs in {run_['output_dir']}, resolved recipe "
+          f"{run_['output_dir'] / 'recipe.yaml'}" + (f", resuming from {run_['ckpt_path']}" if run_["ckpt_path"] else ""))
+    if args.dry_run:
+        return 0
+    run_["trainer"].fit(run_["module"], datamodule=run_["datamodule"], ckpt_path=run_["ckpt_path"])
+    return 0
