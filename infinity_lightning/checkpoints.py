@@ -44,7 +44,9 @@ TOKENIZER_MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 TOKENIZER_CONFIG_KEY = "tokenizer_config"
 _SAFETENSORS_CONFIG_KEY = "infinity_lightning.tokenizer_config"
 
-_CONV_MODULES = {"conv_in", "conv_out", "conv1", "conv2", "nin_shortcut", "conv"}
+# Module names whose plain ``.weight``/``.bias`` map to the wrapped ``.conv.weight`` (the attention
+# names q/k/v/proj_out only occur in tokenizers with attention blocks, which Infinity has none of).
+_CONV_MODULES = {"conv_in", "conv_out", "conv1", "conv2", "nin_shortcut", "conv", "q", "k", "v", "proj_out"}
 _NORM_MODULES = {"norm1", "norm2", "norm_out", "norm"}
 _TRANSFORMER_MARKERS = ("block_chunks.", "blocks.", "cfg_uncond", "word_embed.", "text_proj_for_sos.",
                         "text_proj_for_ca.", "lvl_embed.", "shared_ada_lin.", "head_nm.", "pos_start")
@@ -116,13 +118,32 @@ def tokenizer_state_dict_from(obj: Mapping[str, Any], source: str = "tokenizer w
     raw, stored = _unwrap_tokenizer_container(obj, source)
     if _looks_like_transformer(raw):
         raise _transformer_error(source, list(raw))
+    return _rename_keys(raw, canonical_tokenizer_key, source), stored
+
+
+def _rename_keys(raw: Mapping[str, Any], rename, source: str) -> "OrderedDict[str, Any]":
     sd: "OrderedDict[str, Any]" = OrderedDict()
     for key, value in raw.items():
-        new = canonical_tokenizer_key(key)
+        new = rename(key)
         if new in sd:
             raise CheckpointError(f"{source} holds the same tensor twice, under {new!r} and a plain-named alias {key!r}")
         sd[new] = value
-    return sd, stored
+    return sd
+
+
+def _match_model_keys(raw: Mapping[str, Any], model_keys, source: str) -> "OrderedDict[str, Any]":
+    """Rename file keys to model keys as the original loader does: a key the model has is kept,
+    otherwise its wrapped form is used if the model has that; any other key keeps its file name
+    (and is then reported as unexpected under the name the user can find in the file)."""
+    model_keys = set(model_keys)
+
+    def rename(key: str) -> str:
+        if key in model_keys:
+            return key
+        new = canonical_tokenizer_key(key)
+        return new if new in model_keys else key
+
+    return _rename_keys(raw, rename, source)
 
 
 def _shape(sd: Mapping[str, Any], key: str, source: str):
@@ -230,7 +251,9 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
 
     source = f"tokenizer file {path}"
     obj = read_weights(path, what="tokenizer")
-    sd, stored = tokenizer_state_dict_from(obj, source)
+    raw, stored = _unwrap_tokenizer_container(obj, source)
+    if _looks_like_transformer(raw):
+        raise _transformer_error(source, list(raw))
     if stored is None and path.is_file() and str(path).endswith(".safetensors"):
         stored = _safetensors_config(path)
     if config is not None:
@@ -238,7 +261,8 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
     elif preset is not None:
         cfg = tokenizer_config(preset, **overrides)
     else:
-        base = _config_from_dict(stored, source) if stored is not None else infer_tokenizer_config(sd, source)
+        base = (_config_from_dict(stored, source) if stored is not None
+                else infer_tokenizer_config(_rename_keys(raw, canonical_tokenizer_key, source), source))
         cfg = replace_config(base, overrides)
 
     try:
@@ -246,15 +270,20 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
             meta_model = BSQVAE(cfg)
     except ValueError as e:
         raise CheckpointError(f"{source}: cannot build the {_describe(cfg)}: {e}") from e
+    sd = _match_model_keys(raw, meta_model.state_dict().keys(), source)
     check_state_dict(meta_model.state_dict(), sd, source=source, what=_describe(cfg),
                      ignore_missing=TOKENIZER_MASK_KEYS)
 
-    model = BSQVAE(cfg)
+    # Allocate without the random initialisation (seconds for the 110M released models): every
+    # parameter is overwritten below and the mask, the only buffer, is recomputed.
+    model = meta_model.to_empty(device="cpu")
     weights = {k: v for k, v in sd.items() if k not in TOKENIZER_MASK_KEYS}
     result = model.load_state_dict(weights, strict=False)
     left = [k for k in result.missing_keys if k not in TOKENIZER_MASK_KEYS]
     if left or result.unexpected_keys:  # unreachable after check_state_dict; kept as a guard
         raise CheckpointError(f"{source}: keys not loaded: {left + list(result.unexpected_keys)}")
+    with torch.no_grad():
+        model.quantizer.lfq.mask.copy_(model.quantizer.lfq.make_mask(cfg.codebook_dim))
     return model.float().eval().requires_grad_(False)
 
 
