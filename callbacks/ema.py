@@ -28,7 +28,10 @@ Checkpoints (``checkpoint["ema_state"]``):
   carries ``__ema__.*`` keys in its ``state_dict``; drop them before a strict model load.
 
 Loading a full checkpoint into DTensor averages distributes each tensor with the parameter's mesh
-and placements.
+and placements.  Before touching parameters the callback calls ``reshard()`` on FSDP2 modules,
+because a forward without backward (validation) can leave them unsharded, as plain tensors.
+Both checkpoint layouts were checked with two CPU processes under ``ModelParallelStrategy``
+(``fully_shard`` in ``configure_model``): the averages after resume equal those saved.
 """
 from __future__ import annotations
 
@@ -60,6 +63,26 @@ def _dtensor_type():
 def _is_dtensor(t: torch.Tensor) -> bool:
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
+
+
+def _reshard_fsdp(module: nn.Module) -> None:
+    """Put FSDP2 modules back into their sharded state (a no-op for everything else).
+
+    After a forward without backward (validation) FSDP2 may leave a module's parameters
+    unsharded, and ``named_parameters()`` then returns plain full tensors instead of the DTensor
+    shards the averages mirror.  ``reshard()`` frees the unsharded copies; the next forward
+    gathers them again.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class EMA(Callback):
@@ -120,7 +143,9 @@ class EMA(Callback):
         return module
 
     def _params(self, pl_module: LightningModule) -> Dict[str, torch.Tensor]:
-        params = dict(self._target(pl_module).named_parameters())
+        target = self._target(pl_module)
+        _reshard_fsdp(target)
+        params = dict(target.named_parameters())
         if self._ema is None:
             return {n: p for n, p in params.items() if p.requires_grad}
         missing = [n for n in self._ema if n not in params]

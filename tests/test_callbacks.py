@@ -258,3 +258,83 @@ def test_sample_logger_only_on_rank_zero(tmp_path):
     fake.is_global_zero = True
     grids = everyone.log_samples(fake, model)
     assert grids["x"].shape == (3, 6, 6) and (tmp_path / "png" / "x" / "step_00000002.png").exists()
+
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group, torn down afterwards so later tests see no distributed state."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_with_fsdp2_dtensor_parameters(tmp_path, one_rank_group):
+    """Averages stay DTensors; update, swap and both checkpoint layouts work (one-rank FSDP2)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.transformer = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    fully_shard(model.transformer, mesh=init_device_mesh("cpu", (1,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    ema = EMA(decay=0.5)
+    ema.on_fit_start(None, model)
+    assert all(isinstance(t, DTensor) for t in ema.ema_state_dict().values())
+    hand = {n: full(p).detach().clone() for n, p in model.transformer.named_parameters()}
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    for _ in range(3):
+        opt.zero_grad()
+        ((model.transformer(x) - y) ** 2).mean().backward()
+        opt.step()
+        ema.update(model)
+        for n, p in model.transformer.named_parameters():
+            hand[n] = 0.5 * hand[n] + 0.5 * full(p).detach()
+    for n, t in ema.ema_state_dict().items():
+        torch.testing.assert_close(full(t), hand[n], rtol=0, atol=1e-6)
+
+    # Swap around a validation-style forward, which can leave FSDP2 parameters unsharded.
+    train_w = {n: full(p).detach().clone() for n, p in model.transformer.named_parameters()}
+    with torch.no_grad():
+        model.transformer(x)
+    ema.swap_in(model)
+    with torch.no_grad():
+        out = model.transformer(x)
+    ema.swap_out(model)
+    ref = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    ref.load_state_dict(hand)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=1e-6)
+    for n, p in model.transformer.named_parameters():
+        torch.testing.assert_close(full(p).detach(), train_w[n], rtol=0, atol=0)
+
+    # Full checkpoint: gathered plain tensors.  Distributed checkpoint: DTensors in state_dict.
+    full_ckpt = {"state_dict": {}}
+    ema.on_save_checkpoint(types.SimpleNamespace(strategy=types.SimpleNamespace()), model, full_ckpt)
+    assert not any(isinstance(t, DTensor) for t in full_ckpt["ema_state"]["weights"].values())
+    sharded_ckpt = {"state_dict": {}}
+    stub = types.SimpleNamespace(strategy=types.SimpleNamespace(_save_distributed_checkpoint=True),
+                                 ckpt_path=str(tmp_path / "dcp"))
+    ema.on_save_checkpoint(stub, model, sharded_ckpt)
+    assert sorted(sharded_ckpt["state_dict"]) == ["__ema__.0.bias", "__ema__.0.weight", "__ema__.1.bias",
+                                                  "__ema__.1.weight"]
+    assert sharded_ckpt["ema_state"]["weights"] is None
+    dcp.save({"state_dict": sharded_ckpt["state_dict"]}, checkpoint_id=str(tmp_path / "dcp"))
+    for ckpt in (full_ckpt, {"ema_state": sharded_ckpt["ema_state"]}):
+        other = EMA(decay=0.5)
+        other.on_fit_start(None, model)
+        other.on_load_checkpoint(stub, model, ckpt)
+        assert other.num_updates == 3
+        for n, t in other.ema_state_dict().items():
+            assert isinstance(t, DTensor)
+            torch.testing.assert_close(full(t), hand[n], rtol=0, atol=1e-6)
