@@ -99,11 +99,13 @@ def prepare_image(path: str, vae, args) -> Tuple["Image", Tuple[int, int]]:
 def _metrics(recon: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    # Both images as the uint8 values that are saved, scaled to [0, 1].
-    def to01(x):
-        return ((x.float().clamp(-1, 1) + 1) / 2).mul(255).to(torch.uint8).float().div(255).unsqueeze(0)
+    # Both images as uint8 values scaled to [0, 1]: the reconstruction truncated exactly as it is
+    # saved, the input (which came from uint8 pixels) rounded back to its pixel values.
+    def to01(x, rounding):
+        x = ((x.float().clamp(-1, 1) + 1) / 2).mul(255)
+        return (x.round() if rounding else x).to(torch.uint8).float().div(255).unsqueeze(0)
 
-    p, t = to01(recon), to01(target)
+    p, t = to01(recon, False), to01(target, True)
     return {"psnr": float(peak_signal_noise_ratio(p, t, data_range=1.0)),
             "ssim": float(structural_similarity_index_measure(p, t, data_range=1.0))}
 
@@ -140,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
             recon = vae.decode(summed).float()
             steps = []
             if args.progression:
-                for k in range(1, len(schedule) + 1):
+                # Images after 1 .. K-1 scales from the labels; after K scales it is the reconstruction.
+                for k in range(1, len(schedule)):
                     steps.append(vae.decode_from_bits(bit_labels[:k], schedule).float())
+                steps.append(recon)
         name = _unique_stem(path, used)
         recon_path = out_dir / f"{name}_recon.png"
         images.tensor_to_pil(recon[0]).save(recon_path)

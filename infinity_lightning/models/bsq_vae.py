@@ -125,7 +125,10 @@ class BSQ(nn.Module):
 
     @staticmethod
     def make_mask(codebook_dim: int) -> torch.Tensor:
-        return 2 ** torch.arange(codebook_dim - 1, -1, -1, dtype=torch.long)
+        # Built from Python ints (a tensor power under the meta-device context is slow to set up);
+        # 2**63 wraps to -2**63 as the int64 tensor arithmetic of the released d64 file does.
+        values = [2 ** i for i in range(codebook_dim - 1, -1, -1)]
+        return torch.tensor([v - 2 ** 64 if v >= 2 ** 63 else v for v in values], dtype=torch.long)
 
     def forward(self, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``r`` (B, d, T, h, w) -> ``(q, bits)`` as :func:`bsq_quantize`."""
