@@ -335,22 +335,31 @@ _YCBCR_WEIGHTS = np.array([4.0, 1.0, 1.0], dtype=np.float32)
 
 
 def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
-    """8-connected components of a boolean mask by iterated minimum propagation (numpy only)."""
+    """8-connected components of a boolean mask (numpy only): every pixel takes the smallest
+    label among its neighbours, then jumps to its label's label, until nothing changes."""
     h, w = mask.shape
-    big = h * w + 1
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
+    big = h * w
+    # Labels are flat pixel indices; a padded frame of `big` keeps the neighbour shifts simple.
+    flat = np.where(mask.ravel(), np.arange(big), big)
+    lab = np.full((h + 2, w + 2), big, dtype=np.int64)
+    inner = lab[1:-1, 1:-1]
+    inner[...] = flat.reshape(h, w)
+    table = np.append(flat, big)
     while True:
-        p = np.pad(labels, 1, constant_values=big)
-        nb = np.minimum.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:],
-                                p[:-2, :-2], p[:-2, 2:], p[2:, :-2], p[2:, 2:]])
+        nb = np.minimum.reduce([lab[1:-1, 1:-1], lab[:-2, 1:-1], lab[2:, 1:-1], lab[1:-1, :-2], lab[1:-1, 2:],
+                                lab[:-2, :-2], lab[:-2, 2:], lab[2:, :-2], lab[2:, 2:]])
         nb = np.where(mask, nb, big)
-        if np.array_equal(nb, labels):
+        table[:big] = nb.ravel()
+        for _ in range(4):  # pointer jumping: follow label chains
+            nb = table[nb]
+            table[:big] = nb.ravel()
+        if np.array_equal(nb, inner):
             break
-        labels = nb
-    uniq = np.unique(labels[mask])
+        inner[...] = nb
+    uniq = np.unique(inner[mask])
     remap = np.zeros(big + 1, dtype=np.int64)
     remap[uniq] = np.arange(1, len(uniq) + 1)
-    return np.where(mask, remap[labels], 0), len(uniq)
+    return np.where(mask, remap[inner], 0), len(uniq)
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -407,7 +416,7 @@ class ShapesChecker:
 
     def __init__(self, colours: Sequence[str] = DEFAULT_COLOURS, shapes: Sequence[str] = DEFAULT_SHAPES,
                  min_area_fraction: float = 0.004, foreground_threshold: float = 48.0,
-                 blur_radii: Sequence[float] = (0.0, 0.8, 1.3),
+                 blur_radii: Sequence[float] = (0.0, 1.0),
                  value_range: Tuple[float, float] = (-1.0, 1.0)) -> None:
         self.colours = tuple(colours)
         self.shapes = tuple(shapes)
