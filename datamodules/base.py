@@ -422,8 +422,12 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
         order = {t: i for i, t in enumerate(scales.TEMPLATE_RATIOS)}
         self.buckets: Dict[float, np.ndarray] = {}
         if len(ratios):
-            assigned = np.array([assign_template(r, templates) for r in ratios]) if image_size is None \
-                else np.ones(len(ratios))
+            if image_size is None:
+                table = np.asarray(templates, dtype=np.float64)
+                # argmin keeps the first template on ties, as assign_template / the original do
+                assigned = table[np.argmin(np.abs(ratios[:, None] - table[None, :]), axis=1)]
+            else:
+                assigned = np.ones(len(ratios))
             for t in sorted(set(assigned.tolist()), key=lambda t: order[t]):
                 self.buckets[t] = np.nonzero(assigned == t)[0]
         self.sizes = {t: target_size(t, pn, image_size) for t in self.buckets}
