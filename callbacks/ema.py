@@ -36,7 +36,7 @@ Both checkpoint layouts were checked with two CPU processes under ``ModelParalle
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer

@@ -244,7 +244,6 @@ def test_sample_logger_steps_tensorboard_and_png(tmp_path):
 
 def test_sample_logger_only_on_rank_zero(tmp_path):
     model = Tiny()
-    model.trainer_stub = None
     fake = types.SimpleNamespace(global_step=2, is_global_zero=False, loggers=[])
     calls = []
     model.log_images = lambda prompts, seeds: calls.append(seeds) or {"x": torch.zeros(1, 3, 2, 2)}
