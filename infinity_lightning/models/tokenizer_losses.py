@@ -161,7 +161,9 @@ class PerceptualLoss(nn.Module):
         total = torch.zeros(n, device=x.device, dtype=torch.float32)
         for feat, lin in zip(self._taps(both), self.lins):
             feat = feat.float()
-            feat = feat / (feat.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            # eps inside the root: sqrt has an infinite derivative at 0, and all-zero ReLU
+            # feature vectors are common, so eps outside gives NaN gradients.
+            feat = feat * torch.rsqrt(feat.pow(2).sum(dim=1, keepdim=True) + 1e-10)
             diff = (feat[:n] - feat[n:]).pow(2)
             # Clamping to >= 0 keeps the distance a (weighted) squared norm, as LPIPS does.
             total = total + F.conv2d(diff, lin.weight.float().clamp_min(0)).mean(dim=(1, 2, 3))
@@ -300,10 +302,19 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
 # Binary Spherical Quantization regularisers
 # ---------------------------------------------------------------------------------------------
 
-def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of Bernoulli(p), elementwise, with 0 log 0 = 0."""
+def binary_entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Entropy (nats) of Bernoulli(p), elementwise, with 0 log 0 = 0 and finite gradients at 0 and 1."""
     p = p.clamp(0.0, 1.0)
-    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p))
+    q = 1.0 - p
+    # Clamping only inside the logs keeps the value exact at 0 and 1 while the derivative
+    # (log p - log(1 - p)) stays finite there; saturated sigmoids hit exactly 0 or 1 in fp32.
+    return -(p * p.clamp_min(eps).log() + q * q.clamp_min(eps).log())
+
+
+def _binary_entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
+    # H(sigmoid(z)) = p * softplus(-z) + (1 - p) * softplus(z): smooth for any z.
+    p = torch.sigmoid(z)
+    return p * F.softplus(-z) + (1 - p) * F.softplus(z)
 
 
 def bsq_bit_probabilities(u: torch.Tensor, inv_temperature: float = 100.0, dim: int = 1) -> torch.Tensor:
@@ -320,8 +331,11 @@ def bsq_bit_probabilities(u: torch.Tensor, inv_temperature: float = 100.0, dim: 
     Returns:
         probabilities with the shape of ``u``.
     """
-    d = u.shape[dim]
-    return torch.sigmoid(2.0 * inv_temperature / math.sqrt(d) * u.float())
+    return torch.sigmoid(_bit_logits(u, inv_temperature, dim))
+
+
+def _bit_logits(u: torch.Tensor, inv_temperature: float, dim: int) -> torch.Tensor:
+    return 2.0 * inv_temperature / math.sqrt(u.shape[dim]) * u.float()
 
 
 @dataclass
@@ -356,9 +370,9 @@ def bsq_entropy_terms(u: torch.Tensor, inv_temperature: float = 100.0, gamma: fl
         inv_temperature: ``tau`` of the soft assignment.
         gamma: weight of the codebook entropy in ``loss``.
     """
-    p = bsq_bit_probabilities(u, inv_temperature, dim)
-    p = p.movedim(dim, -1).reshape(-1, u.shape[dim])  # (samples, d)
-    per_sample = binary_entropy(p).sum(dim=-1).mean()
+    z = _bit_logits(u, inv_temperature, dim).movedim(dim, -1).reshape(-1, u.shape[dim])  # (samples, d)
+    p = torch.sigmoid(z)
+    per_sample = _binary_entropy_from_logits(z).sum(dim=-1).mean()
     codebook = binary_entropy(p.mean(dim=0)).sum()
     return BSQEntropy(per_sample=per_sample, codebook=codebook, loss=per_sample - gamma * codebook)
 

@@ -1,0 +1,667 @@
+"""Training the BSQ-VAE tokenizer with Lightning.
+
+:class:`BSQTokenizerModule` owns the steps, losses, metrics and optimizers; the tokenizer, the
+discriminator and the perceptual network are injected ``nn.Module``s.  One training step:
+
+1. ``raw = tokenizer.encode_raw(images)``; a scale schedule for the latent grid
+   (``schedule_mode`` "dense" | "dynamic" | "single", optionally with stochastic scale dropping)
+   and the same multi-scale residual BSQ as at inference, ``tokenizer.quantize_multiscale``;
+   ``recon = tokenizer.decoder(codes)`` (unclamped, so gradients flow everywhere).
+2. Generator loss ``l1 |x - x'| + l2 (x - x')^2 + perceptual LPIPS(x, x')
+   + commitment E||u - sg(q)||^2 + entropy (E H(q(c|u)) - gamma H(E q(c|u)))
+   [+ adv_weight * lambda_adaptive * L_G(D(x'))  once step >= disc_start_step]``.
+3. Discriminator loss (hinge or non-saturating) on real images and detached reconstructions,
+   plus an optional LeCam term.
+
+Both optimizers step once per batch; ``trainer.global_step`` counts batches (generator updates)
+so that ``trainer.max_steps``, ``disc_start_step`` and ``warmup_steps`` all mean the same thing.
+
+:func:`build_tokenizer_training` turns a recipe (``recipes/tokenizer/*.yaml``) into objects.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from infinity_lightning import scales
+from infinity_lightning.models.tokenizer_losses import (
+    LeCamEMA, PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, binary_entropy, bsq_entropy_terms,
+    discriminator_loss, generator_adv_loss)
+
+__all__ = ["BSQTokenizerModule", "build_tokenizer_training", "build_perceptual", "TOKENIZER_RECIPE_KEYS",
+           "TOKENIZER_RECIPE_SCHEMA"]
+
+
+def _images_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        if "images" not in batch:
+            raise KeyError(f"tokenizer batches need an 'images' entry; got keys {sorted(batch)}")
+        return batch["images"]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"unsupported batch type {type(batch).__name__}; expected a tensor or a dict with 'images'")
+
+
+def build_perceptual(arch: str = "vgg16", weights: Optional[Union[str, Sequence[str]]] = None) -> PerceptualLoss:
+    """A :class:`PerceptualLoss` with weights read by ``infinity_lightning.io.safe_load``.
+
+    ``weights`` is one file or a list of files whose state dicts are merged (for example
+    torchvision's ``vgg16-397923af.pth`` and LPIPS's ``vgg.pth``); ``None`` gives random weights
+    and a loud warning.
+    """
+    if weights is None:
+        return PerceptualLoss(arch)
+    from infinity_lightning.io import safe_load
+
+    files = [weights] if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) else list(weights)
+    state: Dict[str, torch.Tensor] = {}
+    for f in files:
+        loaded = safe_load(f, what="perceptual weights")
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"perceptual weights file {f} does not hold a state dict")
+        state.update(loaded)
+    return PerceptualLoss(arch, state_dict=state)
+
+
+class _FIDFeatures(nn.Module):
+    """Wraps a user feature module for torchmetrics' FID: float images in [0, 1] -> (B, F)."""
+
+    def __init__(self, module: nn.Module, num_features: Optional[int] = None):
+        super().__init__()
+        self.module = module
+        if num_features is None:
+            num_features = getattr(module, "num_features", None)
+        if num_features is None:
+            with torch.no_grad():
+                num_features = int(module(torch.rand(1, 3, 64, 64)).reshape(1, -1).shape[1])
+        self.num_features = int(num_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images.float()).reshape(images.shape[0], -1)
+
+
+class BSQTokenizerModule(pl.LightningModule):
+    """LightningModule training a BSQ-VAE tokenizer (reconstruction, perceptual, adversarial and
+    BSQ entropy/commitment losses) with manual optimization.
+
+    Args:
+        tokenizer: a ``BSQVAE`` (``encode_raw``, ``quantize_multiscale``, ``decoder``).
+        discriminator: image discriminator (B, 3, H, W) -> logits; ``None`` builds a
+            :class:`PatchDiscriminator` from ``disc_channels``/``disc_layers``/``disc_norm`` when
+            ``adv_weight > 0``.
+        perceptual: perceptual distance module ``(x, y) -> (B,)``; ``None`` builds one from
+            ``perceptual_arch``/``perceptual_weights`` when ``perceptual_weight > 0``.
+        l1_weight, l2_weight, perceptual_weight: reconstruction terms.
+        adv_weight: generator GAN weight (BitVAE: 0.3), multiplied by the VQGAN adaptive weight
+            (``adaptive_weight=True``, clamped to ``adaptive_weight_max``) computed at the last
+            decoder layer ``last_layer`` (default ``tokenizer.decoder.conv_out``'s weight).
+        disc_start_step: generator and discriminator adversarial terms are off before this step.
+        disc_loss: ``"hinge"`` or ``"non_saturating"``.
+        lecam_weight, lecam_decay: LeCam regulariser on the discriminator (``decay=None``: zero anchors).
+        commitment_weight, entropy_weight, entropy_gamma, entropy_inv_temperature: BSQ terms,
+            averaged over the schedule's scales.
+        schedule_mode: ``"dense"``, ``"dynamic"`` or ``"single"`` (see ``scales.latent_schedule``).
+        scale_drop_rate: during training each scale but the last is left out of the schedule
+            with this probability (the remaining scales quantize the residual), so the decoder
+            and later scales learn to cope with coarse scales missing.
+        detach_residual: detach the residual between scales (``False``: gradients also flow
+            through the residual chain, as the BitVAE recipe).
+        lr, disc_lr_mult, betas, weight_decay: AdamW for both networks (D at ``lr * disc_lr_mult``).
+        warmup_steps, lr_decay, min_lr_ratio, total_steps: linear warm-up then ``"constant"`` or
+            ``"cosine"`` decay to ``min_lr_ratio * lr`` at ``total_steps`` (default: the trainer's
+            estimated number of steps).
+        grad_clip: max gradient norm per optimizer (``None`` or 0: off).
+        fid_feature: optional feature module for rFID (float images in [0, 1] -> features).
+        log_images_max: how many validation images :meth:`log_images` returns.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        discriminator: Optional[nn.Module] = None,
+        perceptual: Optional[nn.Module] = None,
+        *,
+        l1_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        perceptual_weight: float = 1.0,
+        perceptual_arch: str = "vgg16",
+        perceptual_weights: Optional[Union[str, Sequence[str]]] = None,
+        adv_weight: float = 0.3,
+        adaptive_weight: bool = True,
+        adaptive_weight_max: float = 1e4,
+        last_layer: Optional[nn.Parameter] = None,
+        disc_start_step: int = 0,
+        disc_loss: str = "hinge",
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+        disc_norm: str = "group",
+        lecam_weight: float = 0.0,
+        lecam_decay: Optional[float] = 0.999,
+        commitment_weight: float = 0.25,
+        entropy_weight: float = 0.1,
+        entropy_gamma: float = 1.0,
+        entropy_inv_temperature: float = 100.0,
+        schedule_mode: str = "dense",
+        scale_drop_rate: float = 0.0,
+        detach_residual: bool = False,
+        lr: float = 1e-4,
+        disc_lr_mult: float = 2.0,
+        betas: Sequence[float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_decay: str = "constant",
+        min_lr_ratio: float = 0.0,
+        total_steps: Optional[int] = None,
+        grad_clip: Optional[float] = 1.0,
+        fid_feature: Optional[nn.Module] = None,
+        log_images_max: int = 8,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        if disc_loss not in ("hinge", "non_saturating"):
+            raise ValueError(f"disc_loss must be 'hinge' or 'non_saturating', got {disc_loss!r}")
+        if schedule_mode not in ("dense", "dynamic", "single"):
+            raise ValueError(f"schedule_mode must be 'dense', 'dynamic' or 'single', got {schedule_mode!r}")
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
+        if not 0.0 <= scale_drop_rate < 1.0:
+            raise ValueError(f"scale_drop_rate must be in [0, 1), got {scale_drop_rate}")
+        self.tokenizer = tokenizer
+        if discriminator is None and adv_weight > 0:
+            discriminator = PatchDiscriminator(channels=disc_channels, n_layers=disc_layers, norm=disc_norm)
+        self.discriminator = discriminator
+        if perceptual is None and perceptual_weight > 0:
+            perceptual = build_perceptual(perceptual_arch, perceptual_weights)
+        self.perceptual = perceptual
+        self.lecam = LeCamEMA(lecam_decay) if lecam_weight > 0 else None
+        self._last_layer = last_layer
+        self.save_hyperparameters(ignore=["tokenizer", "discriminator", "perceptual", "last_layer", "fid_feature"])
+
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.fid = None
+        if fid_feature is not None:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            self.fid = FrechetInceptionDistance(feature=_FIDFeatures(fid_feature), normalize=True)
+        self._bit_sum: Optional[torch.Tensor] = None
+        self._bit_count = 0
+        self._unique_fracs: List[float] = []
+        #: per-bit mean activation (d,) of the last validation epoch
+        self.bit_usage: Optional[torch.Tensor] = None
+        self._log_batch: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the adaptive GAN weight is computed at (last decoder convolution)."""
+        if self._last_layer is not None:
+            return self._last_layer
+        conv_out = getattr(self.tokenizer.decoder, "conv_out", None)
+        conv_out = getattr(conv_out, "conv", conv_out)
+        if conv_out is not None and getattr(conv_out, "weight", None) is not None:
+            return conv_out.weight
+        weights = [p for p in self.tokenizer.decoder.parameters() if p.dim() == 4]
+        return weights[-1]
+
+    def training_schedule(self, latent_h: int, latent_w: int, train: bool = True) -> List[Tuple[int, int, int]]:
+        """Scale schedule for a latent grid, with stochastic scale dropping when ``train``."""
+        try:
+            schedule = scales.latent_schedule(latent_h, latent_w, self.hparams.schedule_mode)
+        except ValueError as e:
+            raise ValueError(f"schedule_mode={self.hparams.schedule_mode!r} cannot quantize a {latent_h}x{latent_w} "
+                             f"latent grid: {e}") from e
+        rate = self.hparams.scale_drop_rate
+        if train and rate > 0 and len(schedule) > 1:
+            keep = torch.rand(len(schedule) - 1) >= rate
+            schedule = [s for s, k in zip(schedule[:-1], keep.tolist()) if k] + [schedule[-1]]
+        return schedule
+
+    def reconstruct(self, images: torch.Tensor, train: bool = False) -> Dict[str, Any]:
+        """Encode, quantize over the schedule and decode (unclamped): a dict with ``recon``,
+        ``bit_labels``, ``normalized`` (per-scale unit inputs, (B, 1, h, w, d)) and ``schedule``."""
+        raw = self.tokenizer.encode_raw(images)
+        schedule = self.training_schedule(raw.shape[-2], raw.shape[-1], train=train)
+        codes, bit_labels, aux = self.tokenizer.quantize_multiscale(
+            raw, schedule, detach_residual=self.hparams.detach_residual, return_aux=True)
+        recon = self.tokenizer.decoder(codes)
+        return {"recon": recon, "bit_labels": bit_labels, "normalized": aux["normalized"], "schedule": schedule}
+
+    def quantizer_losses(self, normalized: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Commitment and entropy terms averaged over scales (code dimension last)."""
+        commit, ent, per_sample, codebook = [], [], [], []
+        for u in normalized:
+            d = u.shape[-1]
+            q = torch.where(u > 0, 1.0, -1.0) / math.sqrt(d)
+            commit.append((u - q.detach()).pow(2).sum(-1).mean())
+            terms = bsq_entropy_terms(u, self.hparams.entropy_inv_temperature, self.hparams.entropy_gamma, dim=-1)
+            ent.append(terms.loss)
+            per_sample.append(terms.per_sample.detach())
+            codebook.append(terms.codebook.detach())
+        return {"commitment": torch.stack(commit).mean(), "entropy": torch.stack(ent).mean(),
+                "per_sample_entropy": torch.stack(per_sample).mean(), "codebook_entropy": torch.stack(codebook).mean()}
+
+    def generator_losses(self, images: torch.Tensor, out: Dict[str, Any], adversarial: bool
+                         ) -> Dict[str, torch.Tensor]:
+        """All generator terms; ``total`` is what gets back-propagated."""
+        hp = self.hparams
+        recon = out["recon"].float()
+        target = images.float()
+        logs: Dict[str, torch.Tensor] = {}
+        nll = recon.new_zeros(())
+        if hp.l1_weight:
+            logs["l1"] = (recon - target).abs().mean()
+            nll = nll + hp.l1_weight * logs["l1"]
+        if hp.l2_weight:
+            logs["l2"] = (recon - target).pow(2).mean()
+            nll = nll + hp.l2_weight * logs["l2"]
+        if hp.perceptual_weight and self.perceptual is not None:
+            logs["perceptual"] = self.perceptual(recon, target).mean()
+            nll = nll + hp.perceptual_weight * logs["perceptual"]
+        logs["nll"] = nll
+        q = self.quantizer_losses(out["normalized"])
+        logs.update(q)
+        total = nll + hp.commitment_weight * q["commitment"] + hp.entropy_weight * q["entropy"]
+        if adversarial:
+            logits_fake = self.discriminator(out["recon"])
+            g_loss = generator_adv_loss(hp.disc_loss, logits_fake.float())
+            if hp.adaptive_weight and torch.is_grad_enabled():
+                d_weight = adaptive_gan_weight(nll, g_loss, self.last_layer, hp.adaptive_weight_max)
+            else:
+                d_weight = torch.ones((), device=g_loss.device)
+            logs["g_adv"] = g_loss
+            logs["adaptive_weight"] = d_weight
+            total = total + hp.adv_weight * d_weight * g_loss
+        logs["total"] = total
+        return logs
+
+    def discriminator_losses(self, images: torch.Tensor, recon: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Discriminator loss on real images and detached reconstructions (+ LeCam)."""
+        logits_real = self.discriminator(images.detach()).float()
+        logits_fake = self.discriminator(recon.detach()).float()
+        d_loss = discriminator_loss(self.hparams.disc_loss, logits_real, logits_fake)
+        logs = {"d_loss": d_loss, "logits_real": logits_real.mean().detach(),
+                "logits_fake": logits_fake.mean().detach()}
+        total = d_loss
+        if self.lecam is not None:
+            logs["lecam"] = self.lecam(logits_real, logits_fake)
+            total = total + self.hparams.lecam_weight * logs["lecam"]
+        logs["total"] = total
+        return logs
+
+    def adversarial_active(self) -> bool:
+        return (self.discriminator is not None and self.hparams.adv_weight > 0
+                and self.global_step >= self.hparams.disc_start_step)
+
+    # ------------------------------------------------------------------ training
+    def _clip(self, optimizer) -> None:
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = _images_of(batch)
+        if self._log_batch is None:
+            self._log_batch = images[: self.hparams.log_images_max].detach().cpu()
+        optimizers = self.optimizers()
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        adversarial = self.adversarial_active()
+
+        # Generator update.  toggle_optimizer freezes the discriminator so the generator's
+        # backward pass does not accumulate gradients into it.
+        self.toggle_optimizer(opt_g)
+        out = self.reconstruct(images, train=True)
+        g_logs = self.generator_losses(images, out, adversarial)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_logs["total"])
+        self._clip(opt_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        # Discriminator update.  It goes through the strategy (precision plugin, hooks) but not
+        # through the LightningOptimizer wrapper, so that global_step counts one step per batch.
+        d_logs: Dict[str, torch.Tensor] = {}
+        if adversarial and opt_d is not None:
+            self.toggle_optimizer(opt_d)
+            d_logs = self.discriminator_losses(images, out["recon"])
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_logs["total"])
+            self._clip(opt_d)
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
+            self.untoggle_optimizer(opt_d)
+        with warnings.catch_warnings():
+            # Before disc_start_step the discriminator's scheduler advances without its optimizer
+            # having stepped: intended (both schedules follow the batch count), not the ordering
+            # mistake torch warns about.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for sch in schedulers:
+                if sch is not None:
+                    sch.step()
+
+        logs = {f"train/{k}": v.detach().float() for k, v in g_logs.items()}
+        logs.update({f"train/{k}": v.detach().float() for k, v in d_logs.items() if k != "total"})
+        logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.log("train/loss", g_logs["total"].detach().float(), prog_bar=True, on_step=True,
+                 batch_size=images.shape[0])
+        return g_logs["total"].detach()
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._bit_sum, self._bit_count, self._unique_fracs = None, 0, []
+
+    @staticmethod
+    def unique_code_fraction(bits: torch.Tensor) -> float:
+        """Distinct codes / positions for bit labels (..., d) with d <= 62."""
+        flat = bits.reshape(-1, bits.shape[-1]).long()
+        weights = 2 ** torch.arange(flat.shape[1], device=flat.device, dtype=torch.long)
+        codes = (flat * weights).sum(-1)
+        return torch.unique(codes).numel() / max(1, codes.numel())
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
+        images = _images_of(batch)
+        if batch_idx == 0:
+            self._log_batch = images[: self.hparams.log_images_max].detach().cpu()
+        out = self.reconstruct(images, train=False)
+        logs = self.generator_losses(images, out, adversarial=False)
+        recon01 = ((out["recon"].float().clamp(-1, 1) + 1) / 2)
+        images01 = ((images.float().clamp(-1, 1) + 1) / 2)
+        self.val_psnr.update(recon01, images01)
+        self.val_ssim.update(recon01, images01)
+        if self.fid is not None:
+            self.fid.update(images01, real=True)
+            self.fid.update(recon01, real=False)
+        bits = torch.cat([b.reshape(-1, b.shape[-1]) for b in out["bit_labels"]]).float()
+        bit_sum = bits.sum(0)
+        self._bit_sum = bit_sum if self._bit_sum is None else self._bit_sum + bit_sum
+        self._bit_count += bits.shape[0]
+        if out["bit_labels"][-1].shape[-1] <= 62:
+            self._unique_fracs.append(self.unique_code_fraction(out["bit_labels"][-1]))
+        bs = images.shape[0]
+        self.log_dict({f"val/{k}": v.detach().float() for k, v in logs.items() if k != "adaptive_weight"},
+                      on_epoch=True, batch_size=bs, sync_dist=True)
+        return logs
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/ssim", self.val_ssim.compute(), prog_bar=True, sync_dist=False)
+        self.val_psnr.reset()
+        self.val_ssim.reset()
+        if self.fid is not None:
+            if self.fid.fake_features_num_samples >= 2:
+                self.log("val/rfid", self.fid.compute())
+            self.fid.reset()
+        if self._bit_sum is not None and self._bit_count:
+            usage = self._bit_sum / self._bit_count
+            self.bit_usage = usage.detach().cpu()
+            ent_bits = binary_entropy(usage) / math.log(2)
+            self.log_dict({"val/bit_usage_min": usage.min(), "val/bit_usage_max": usage.max(),
+                           "val/bit_entropy": ent_bits.mean()})
+        if self._unique_fracs:
+            self.log("val/unique_code_frac", float(sum(self._unique_fracs) / len(self._unique_fracs)))
+
+    # ------------------------------------------------------------------ images and export
+    @torch.no_grad()
+    def log_images(self, batch: Any = None, prompts: Any = None, seeds: Any = None, **kwargs: Any
+                   ) -> Dict[str, torch.Tensor]:
+        """``{"inputs", "reconstructions"}``: (B, 3, H, W) in [0, 1].
+
+        Uses ``batch`` if given, else the first validation batch (or first training batch) seen.
+        ``prompts`` and ``seeds`` (passed by the sample-logging callback) have no meaning for a
+        tokenizer and are ignored.
+        """
+        images = _images_of(batch) if batch is not None else self._log_batch
+        if images is None:
+            return {}
+        images = images[: self.hparams.log_images_max].to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            recon = self.reconstruct(images.float(), train=False)["recon"]
+        finally:
+            self.train(was_training)
+        return {"inputs": ((images.float().clamp(-1, 1) + 1) / 2).cpu(),
+                "reconstructions": ((recon.float().clamp(-1, 1) + 1) / 2).cpu()}
+
+    def export(self, path: Any, format: str = "released") -> Any:
+        """Write the tokenizer's weights with ``infinity_lightning.checkpoints.save_tokenizer``
+        (``format="released"``: the ``infinity_vae_*.pth`` layout; ``"safetensors"``)."""
+        from infinity_lightning.checkpoints import save_tokenizer
+
+        return save_tokenizer(self.tokenizer, path, format=format)
+
+    # ------------------------------------------------------------------ optimizers
+    def _lr_lambda(self, step: int) -> float:
+        hp = self.hparams
+        if hp.warmup_steps and step < hp.warmup_steps:
+            return (step + 1) / hp.warmup_steps
+        if hp.lr_decay == "constant":
+            return 1.0
+        total = hp.total_steps
+        if total is None:
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+        if not total or total <= hp.warmup_steps or not math.isfinite(total):
+            return 1.0
+        progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+        return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        betas = tuple(float(b) for b in hp.betas)
+        params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+        optimizers = [opt_g]
+        if self.discriminator is not None and hp.adv_weight > 0:
+            optimizers.append(torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr * hp.disc_lr_mult,
+                                                betas=betas, weight_decay=hp.weight_decay))
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_lambda) for o in optimizers]
+        return optimizers, schedulers
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # The frozen perceptual network is rebuilt from its own weights file; keep it out of the
+        # training checkpoint.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("perceptual.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.perceptual is not None:
+            state = checkpoint.get("state_dict", {})
+            for k, v in self.perceptual.state_dict().items():
+                state.setdefault(f"perceptual.{k}", v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_KEYS = {"preset", "weights", "overrides", "schedule_mode", "scale_drop_rate", "detach_residual"}
+_LOSS_KEYS = {"l1_weight", "l2_weight", "perceptual_weight", "perceptual_arch", "perceptual_weights", "adv_weight",
+              "adaptive_weight", "adaptive_weight_max", "disc_start_step", "disc_loss", "disc_channels",
+              "disc_layers", "disc_norm", "lecam_weight", "lecam_decay", "commitment_weight", "entropy_weight",
+              "entropy_gamma", "entropy_inv_temperature"}
+_OPTIM_KEYS = {"lr", "disc_lr_mult", "betas", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio",
+               "total_steps", "grad_clip"}
+_TOP_KEYS = {"task", "seed", "model", "loss", "optim", "data", "trainer", "callbacks"}
+
+#: Keys a tokenizer recipe may hold, per section (``data`` takes the DataModule's own kwargs).
+TOKENIZER_RECIPE_KEYS = {"model": _MODEL_KEYS, "loss": _LOSS_KEYS, "optim": _OPTIM_KEYS}
+
+_OptFloat, _OptInt, _OptStr = Optional[float], Optional[int], Optional[str]
+#: Schema for ``infinity_lightning.recipes.load_recipe(path, overrides, schema=...)``.
+TOKENIZER_RECIPE_SCHEMA: Dict[str, Any] = {
+    "task": str,
+    "seed": _OptInt,
+    "model": {"preset": _OptStr, "weights": _OptStr, "overrides": dict, "schedule_mode": str,
+              "scale_drop_rate": float, "detach_residual": bool},
+    "loss": {"l1_weight": float, "l2_weight": float, "perceptual_weight": float, "perceptual_arch": str,
+             "perceptual_weights": Optional[Union[str, List[str]]], "adv_weight": float, "adaptive_weight": bool,
+             "adaptive_weight_max": float, "disc_start_step": int, "disc_loss": str, "disc_channels": int,
+             "disc_layers": int, "disc_norm": str, "lecam_weight": float, "lecam_decay": _OptFloat,
+             "commitment_weight": float, "entropy_weight": float, "entropy_gamma": float,
+             "entropy_inv_temperature": float},
+    "optim": {"lr": float, "disc_lr_mult": float, "betas": List[float], "weight_decay": float, "warmup_steps": int,
+              "lr_decay": str, "min_lr_ratio": float, "total_steps": _OptInt, "grad_clip": _OptFloat},
+    "data": dict,
+    "trainer": dict,
+    "callbacks": Any,
+}
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            raise ValueError(f"tokenizer recipe: '{e.full_key}' must be set (it is '???' in the recipe); "
+                             f"pass it as an override, e.g. {e.full_key}=...") from e
+    return cfg
+
+
+def _check_keys(section: str, given: Mapping[str, Any], allowed: set) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise KeyError(f"tokenizer recipe: unknown key(s) {unknown} in section '{section}'; "
+                       f"allowed keys: {sorted(allowed)}")
+
+
+def _build_tokenizer(model_cfg: Mapping[str, Any]) -> nn.Module:
+    preset, weights = model_cfg.get("preset"), model_cfg.get("weights")
+    overrides = dict(model_cfg.get("overrides") or {})
+    if "weights" in model_cfg and weights is None and not preset:
+        raise ValueError("tokenizer recipe: 'model.weights' must be set (the tokenizer file to fine-tune), "
+                         "e.g. model.weights=/path/infinity_vae_d32_reg.pth")
+    if bool(preset) == bool(weights):
+        raise ValueError("tokenizer recipe: section 'model' needs exactly one of 'preset' (a tokenizer preset "
+                         "name, training from scratch) or 'weights' (a released/exported tokenizer file)")
+    if weights:
+        from infinity_lightning.checkpoints import load_tokenizer
+
+        tokenizer = load_tokenizer(weights, **overrides)
+    else:
+        from infinity_lightning.models.bsq_vae import BSQVAE
+        from infinity_lightning.presets import tokenizer_config
+
+        tokenizer = BSQVAE(tokenizer_config(preset, **overrides))
+    # load_tokenizer returns an eval-mode, frozen module; training needs the opposite.
+    tokenizer.train()
+    tokenizer.requires_grad_(True)
+    return tokenizer
+
+
+#: DataModule arguments that name the data; a recipe leaves them null for the user to fill in.
+_REQUIRED_DATA_PATHS = ("data_dir", "root", "jsonl_dir", "shards", "urls")
+
+
+def _build_datamodule(data_cfg: Mapping[str, Any]):
+    data_cfg = dict(data_cfg)
+    if "name" not in data_cfg:
+        raise KeyError("tokenizer recipe: section 'data' needs a 'name' (a registered DataModule)")
+    name = data_cfg.pop("name")
+    for key in _REQUIRED_DATA_PATHS:
+        if key in data_cfg and data_cfg[key] is None:
+            raise ValueError(f"tokenizer recipe: 'data.{key}' must be set for data module {name!r} "
+                             f"(override it, e.g. data.{key}=/path/to/images)")
+    try:
+        from infinity_lightning.datamodules import build_datamodule
+    except ImportError:
+        build_datamodule = None
+    if build_datamodule is not None:
+        try:
+            return build_datamodule(name, **data_cfg)
+        except (KeyError, ValueError):
+            # "photos" lives in datamodules/photos.py; the registry may not list it.
+            if name != "photos":
+                raise
+    if name == "photos":
+        from infinity_lightning.datamodules.photos import PhotoCropsDataModule
+
+        return PhotoCropsDataModule(**data_cfg)
+    raise KeyError(f"tokenizer recipe: unknown data module {name!r}")
+
+
+def _build_callbacks(entries: Any) -> List[pl.Callback]:
+    if not entries:
+        return []
+    if isinstance(entries, Mapping):
+        entries = [dict(name=k, **(v or {})) for k, v in entries.items()]
+    out = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        if "name" not in entry:
+            raise KeyError(f"tokenizer recipe: callbacks[{i}] needs a 'name' (a class in "
+                           "infinity_lightning.callbacks or lightning.pytorch.callbacks)")
+        name = entry.pop("name")
+        cls = None
+        try:
+            import infinity_lightning.callbacks as own
+
+            cls = getattr(own, name, None)
+        except ImportError:
+            pass
+        if cls is None:
+            import lightning.pytorch.callbacks as lcb
+
+            cls = getattr(lcb, name, None)
+        if cls is None:
+            raise KeyError(f"tokenizer recipe: callbacks[{i}]: unknown callback {name!r}")
+        out.append(cls(**entry))
+    return out
+
+
+def build_tokenizer_training(cfg: Any, **module_kwargs: Any):
+    """Turn a tokenizer recipe into ``(module, datamodule, trainer_kwargs, callbacks)``.
+
+    ``cfg`` (a dict or OmegaConf ``DictConfig``) has the sections ``model`` (``preset`` +
+    ``overrides`` or ``weights``; ``schedule_mode``, ``scale_drop_rate``, ``detach_residual``),
+    ``loss``, ``optim`` (see :data:`TOKENIZER_RECIPE_KEYS`), ``data`` (``name`` + the DataModule's
+    kwargs, built with ``infinity_lightning.datamodules.build_datamodule``), ``trainer`` (Lightning
+    ``Trainer`` kwargs) and ``callbacks`` (a list of ``{name: ClassName, **kwargs}``), plus
+    optional ``task`` (must be ``"tokenizer"``) and ``seed``.  Unknown keys raise ``KeyError``
+    naming the section.  ``module_kwargs`` go to :class:`BSQTokenizerModule` as-is (for
+    modules that cannot live in a YAML file, e.g. ``fid_feature``).
+    """
+    cfg = _plain(cfg)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"tokenizer recipe must be a mapping, got {type(cfg).__name__}")
+    _check_keys("<top level>", cfg, _TOP_KEYS)
+    if cfg.get("task", "tokenizer") != "tokenizer":
+        raise ValueError(f"tokenizer recipe: task is {cfg['task']!r}, expected 'tokenizer'")
+    model_cfg = dict(cfg.get("model") or {})
+    loss_cfg = dict(cfg.get("loss") or {})
+    optim_cfg = dict(cfg.get("optim") or {})
+    for section, given in (("model", model_cfg), ("loss", loss_cfg), ("optim", optim_cfg)):
+        _check_keys(section, given, TOKENIZER_RECIPE_KEYS[section])
+    trainer_kwargs = dict(cfg.get("trainer") or {})
+    trainer_params = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    _check_keys("trainer", trainer_kwargs, trainer_params)
+    if "gradient_clip_val" in trainer_kwargs:
+        raise KeyError("tokenizer recipe: 'trainer.gradient_clip_val' does not apply to manual optimization; "
+                       "use 'optim.grad_clip'")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg["seed"]), workers=True)
+
+    tokenizer = _build_tokenizer(model_cfg)
+    schedule_kwargs = {k: model_cfg[k] for k in ("schedule_mode", "scale_drop_rate", "detach_residual")
+                       if k in model_cfg}
+    kwargs = {**schedule_kwargs, **loss_cfg, **optim_cfg, **module_kwargs}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    module = BSQTokenizerModule(tokenizer, **kwargs)
+    datamodule = _build_datamodule(cfg.get("data") or {"name": "photos"})
+    callbacks = _build_callbacks(cfg.get("callbacks"))
+    return module, datamodule, trainer_kwargs, callbacks

@@ -1,0 +1,256 @@
+"""Tokenizer training: overfitting real photos, the adversarial phase, export and recipes."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+pytest.importorskip("skimage", reason="the photo crops come from scikit-image (test extra)")
+
+import lightning.pytorch as pl  # noqa: E402
+
+from infinity_lightning.checkpoints import load_tokenizer  # noqa: E402
+from infinity_lightning.datamodules.photos import PhotoCropsDataModule, PhotoCropsDataset  # noqa: E402
+from infinity_lightning.lit.tokenizer_module import (  # noqa: E402
+    TOKENIZER_RECIPE_SCHEMA, BSQTokenizerModule, build_tokenizer_training)
+from infinity_lightning.models.bsq_vae import BSQVAE  # noqa: E402
+from infinity_lightning.models.tokenizer_losses import PatchDiscriminator, PerceptualLoss  # noqa: E402
+from infinity_lightning.presets import tokenizer_config  # noqa: E402
+from infinity_lightning.recipes import load_recipe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes" / "tokenizer").glob("*.yaml"))
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
+
+
+def _trainer(max_steps: int, **kw) -> pl.Trainer:
+    kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+          "enable_progress_bar": False, "enable_model_summary": False, "max_steps": max_steps,
+          "num_sanity_val_steps": 0, **kw}
+    return pl.Trainer(**kw)
+
+
+def _photo_batch(size: int = 32, n: int = 4) -> torch.Tensor:
+    ds = PhotoCropsDataset(PHOTOS, size, n, seed=0, hflip=False)
+    return torch.stack([ds[i]["images"] for i in range(n)])
+
+
+class _Repeat(torch.utils.data.Dataset):
+    """The same fixed batch ``steps`` times, as dicts (the DataModules' batch format)."""
+
+    def __init__(self, images: torch.Tensor, steps: int):
+        self.images, self.steps = images, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, i):
+        return {"images": self.images, "captions": ["photo"] * len(self.images)}
+
+
+def _loader(images: torch.Tensor, steps: int) -> DataLoader:
+    return DataLoader(_Repeat(images, steps), batch_size=None)
+
+
+class _TinyFeatures(torch.nn.Module):
+    """Random conv feature extractor standing in for Inception in rFID tests."""
+
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """Train tiny_f8 on 4 fixed 32 px photo crops; PSNR/SSIM before and after, steps/s."""
+    torch.manual_seed(0)
+    images = _photo_batch()
+    module = BSQTokenizerModule(BSQVAE(tokenizer_config("tiny_f8")), perceptual_weight=0.0, adv_weight=0.0,
+                                commitment_weight=0.05, entropy_weight=0.005, schedule_mode="dense",
+                                lr=2e-3, grad_clip=1.0, fid_feature=_TinyFeatures())
+    val = _loader(images, 1)
+    before = {k: float(v) for k, v in _trainer(1).validate(module, val, verbose=False)[0].items()}
+    steps = 60
+    trainer = _trainer(steps)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=_loader(images, steps))
+    elapsed = time.perf_counter() - start
+    after = {k: float(v) for k, v in _trainer(1).validate(module, val, verbose=False)[0].items()}
+    print(f"\ntiny_f8 32px overfit: PSNR {before['val/psnr']:.2f} -> {after['val/psnr']:.2f} dB, "
+          f"SSIM {before['val/ssim']:.3f} -> {after['val/ssim']:.3f}, {steps / elapsed:.2f} steps/s")
+    return {"module": module, "images": images, "before": before, "after": after, "trainer": trainer}
+
+
+def test_overfits_real_photos(overfit):
+    before, after = overfit["before"], overfit["after"]
+    assert after["val/psnr"] > before["val/psnr"] + 8.0
+    assert after["val/ssim"] > before["val/ssim"] + 0.2
+    assert overfit["trainer"].global_step == 60
+    # Codebook statistics are logged and sensible: 16 bits, usage fractions in [0, 1].
+    assert 0.0 <= after["val/bit_usage_min"] <= after["val/bit_usage_max"] <= 1.0
+    assert 0.0 < after["val/bit_entropy"] <= 1.0
+    assert 0.0 < after["val/unique_code_frac"] <= 1.0
+    assert overfit["module"].bit_usage.shape == (16,)
+    # rFID through the pluggable feature module: finite, and lower after training.
+    assert math.isfinite(after["val/rfid"]) and after["val/rfid"] < before["val/rfid"]
+
+
+def test_log_images_returns_inputs_and_reconstructions(overfit):
+    module = overfit["module"]
+    out = module.log_images(prompts=["ignored"], seeds=[1])
+    assert set(out) == {"inputs", "reconstructions"}
+    assert out["inputs"].shape == out["reconstructions"].shape == (4, 3, 32, 32)
+    assert out["reconstructions"].min() >= 0 and out["reconstructions"].max() <= 1
+    torch.testing.assert_close(out["inputs"], (overfit["images"] + 1) / 2)
+    mse = (out["inputs"] - out["reconstructions"]).pow(2).mean()
+    assert 10 * math.log10(1 / mse) == pytest.approx(overfit["after"]["val/psnr"], abs=0.5)
+    explicit = module.log_images(batch={"images": overfit["images"][:2]})
+    assert explicit["reconstructions"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("fmt,name", [("released", "tok.pth"), ("safetensors", "tok.safetensors")])
+def test_export_reload_identical(overfit, tmp_path, fmt, name):
+    module = overfit["module"]
+    path = module.export(tmp_path / name, format=fmt)
+    loaded = load_tokenizer(path)
+    tok = module.tokenizer.eval()
+    x = overfit["images"]
+    with torch.no_grad():
+        ref, ref_bits = tok(x, [(1, 1, 1), (1, 2, 2), (1, 4, 4)])
+        got, got_bits = loaded(x, [(1, 1, 1), (1, 2, 2), (1, 4, 4)])
+    assert torch.equal(ref, got)
+    assert all(torch.equal(a, b) for a, b in zip(ref_bits, got_bits))
+
+
+def _small_module(**kw) -> BSQTokenizerModule:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        perceptual = PerceptualLoss("tiny")
+    kw = {"perceptual": perceptual, "perceptual_weight": 0.1, "adv_weight": 0.3,
+          "discriminator": PatchDiscriminator(channels=8, n_layers=2), "lr": 1e-3, **kw}
+    return BSQTokenizerModule(BSQVAE(tokenizer_config("tiny_f8")), **kw)
+
+
+def test_discriminator_phase_updates_discriminator_and_generator_loss():
+    images = _photo_batch(n=2)
+    module = _small_module(disc_start_step=2, lecam_weight=0.01)
+    disc_before = [p.detach().clone() for p in module.discriminator.parameters()]
+    _trainer(2).fit(module, train_dataloaders=_loader(images, 2))
+    # Before disc_start_step the discriminator is untouched.
+    assert all(torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
+    assert not module.adversarial_active() or module.global_step >= 2
+    trainer = _trainer(4)
+    trainer.fit(module, train_dataloaders=_loader(images, 2))
+    # Two more batches with the discriminator on: its weights moved, and global_step counts batches.
+    assert trainer.global_step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
+    assert "train/d_loss" in trainer.callback_metrics and "train/g_adv" in trainer.callback_metrics
+    assert module.lecam.anchor_real.item() != 0.0
+
+    # Generator loss with and without the adversarial term, on the same forward pass.
+    module.train()
+    out = module.reconstruct(images, train=False)
+    with_adv = module.generator_losses(images, out, adversarial=True)
+    without = module.generator_losses(images, out, adversarial=False)
+    assert "g_adv" in with_adv and "g_adv" not in without
+    expected = without["total"] + 0.3 * with_adv["adaptive_weight"] * with_adv["g_adv"]
+    torch.testing.assert_close(with_adv["total"], expected)
+    assert with_adv["adaptive_weight"].item() > 0
+    assert not torch.allclose(with_adv["total"], without["total"])
+
+
+def test_non_saturating_bf16_and_cosine_schedule():
+    images = _photo_batch(n=2)
+    module = _small_module(disc_start_step=0, disc_loss="non_saturating", warmup_steps=2, lr_decay="cosine",
+                           min_lr_ratio=0.1, total_steps=4, scale_drop_rate=0.5)
+    enc_before = module.tokenizer.encoder.conv_in.conv.weight.detach().clone()
+    trainer = _trainer(3, precision="bf16-mixed")
+    trainer.fit(module, train_dataloaders=_loader(images, 3))
+    metrics = trainer.callback_metrics
+    assert all(math.isfinite(float(metrics[k])) for k in ("train/loss", "train/d_loss", "train/g_adv"))
+    assert not torch.equal(enc_before, module.tokenizer.encoder.conv_in.conv.weight)
+    # lambda(step): warm-up 1/2, 2/2, then cosine from 1 to 0.1 over steps 2..4.
+    assert [module._lr_lambda(s) for s in range(5)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1])
+    opt_g, opt_d = trainer.optimizers
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(2 * opt_g.param_groups[0]["lr"])
+
+
+def test_stochastic_scale_dropping_keeps_last_scale():
+    module = _small_module(scale_drop_rate=0.5, schedule_mode="dense")
+    full = module.training_schedule(8, 8, train=False)
+    assert full == [(1, s, s) for s in range(1, 9)]
+    torch.manual_seed(0)
+    seen = [module.training_schedule(8, 8, train=True) for _ in range(50)]
+    assert all(s[-1] == (1, 8, 8) and set(s) <= set(full) and s == sorted(s) for s in seen)
+    lengths = [len(s) for s in seen]
+    assert min(lengths) < 8 and 3 <= sum(lengths) / len(lengths) <= 6.5
+    with pytest.raises(ValueError, match="schedule_mode"):
+        _small_module(schedule_mode="sparse")
+
+
+def test_plain_tensor_batches_and_bad_batches():
+    module = _small_module(adv_weight=0.0, discriminator=None)
+    images = _photo_batch(n=2)
+    trainer = _trainer(1)
+    trainer.fit(module, train_dataloaders=DataLoader([images], batch_size=None))
+    assert trainer.global_step == 1
+    with pytest.raises(KeyError, match="images"):
+        module.log_images(batch={"pixels": images})
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipes_load_and_build(recipe, tmp_path):
+    """Every tokenizer recipe validates and builds (made cheap: tiny model, photo crops)."""
+    raw = load_recipe(recipe)
+    overrides = ["loss.perceptual_arch=tiny", "trainer.max_steps=1"]
+    if "data_dir" in raw.data.keys():  # a "???" value is not "in" a DictConfig
+        overrides.append(f"data.data_dir={tmp_path}")
+    if "weights" in raw.model.keys():
+        weights = tmp_path / "vae.pth"
+        from infinity_lightning.checkpoints import save_tokenizer
+
+        save_tokenizer(BSQVAE(tokenizer_config("tiny_f8")), weights)
+        overrides.append(f"model.weights={weights}")
+    else:
+        overrides.append("model.preset=tiny_f8")
+    cfg = load_recipe(recipe, overrides, schema=TOKENIZER_RECIPE_SCHEMA)
+    cfg.data = {"name": "photos", "size": 32, "batch_size": 2, "train_samples": 4, "val_samples": 2}
+    cfg.callbacks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module, dm, trainer_kwargs, callbacks = build_tokenizer_training(cfg)
+    assert isinstance(module, BSQTokenizerModule) and isinstance(dm, PhotoCropsDataModule)
+    assert module.tokenizer.training and all(p.requires_grad for p in module.tokenizer.parameters())
+    assert trainer_kwargs["max_steps"] == 1
+    assert module.hparams.adv_weight == raw.loss.adv_weight
+    assert module.hparams.schedule_mode == raw.model.schedule_mode
+    assert module.hparams.lr == pytest.approx(raw.optim.lr)
+
+
+def test_build_rejects_unknown_and_missing_keys():
+    base = {"model": {"preset": "tiny_f8"}, "loss": {"perceptual_weight": 0.0, "adv_weight": 0.0},
+            "data": {"name": "photos", "size": 32}}
+    with pytest.raises(KeyError, match="entropy_wieght.*section 'loss'"):
+        build_tokenizer_training({**base, "loss": {"entropy_wieght": 0.1}})
+    with pytest.raises(KeyError, match="trainer"):
+        build_tokenizer_training({**base, "trainer": {"max_stesp": 3}})
+    with pytest.raises(KeyError, match="top level"):
+        build_tokenizer_training({**base, "optimizer": {}})
+    with pytest.raises(ValueError, match="exactly one"):
+        build_tokenizer_training({**base, "model": {}})
+    recipe = load_recipe(REPO / "recipes" / "tokenizer" / "finetune_d32_reg.yaml")
+    with pytest.raises(ValueError, match="model.weights"):
+        build_tokenizer_training(recipe)
+    module, dm, tk, cbs = build_tokenizer_training(base)
+    assert module.perceptual is None and module.discriminator is None and dm.size == 32 and tk == {} and cbs == []
