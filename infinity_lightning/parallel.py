@@ -58,7 +58,7 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-ACTIVATION_CHECKPOINTING = (None, "full-block", "self-attn")
+ACTIVATION_CHECKPOINTING = (None, "none", "full-block", "self-attn")
 MIXED_PRECISION = ("bf16", "fp32", None)
 STRATEGIES = ("auto", "ddp", "fsdp2", "model_parallel")
 #: optimizers whose states cannot live on DTensor parameters
@@ -191,7 +191,9 @@ def parallelize(model: nn.Module, device_mesh, *, activation_checkpointing: Opti
         model: the transformer (``block_list()``, ``block_chunks`` or ``blocks``).
         device_mesh: the mesh to shard over (see :func:`fsdp_mesh`; in a LightningModule,
             ``self.device_mesh``).
-        activation_checkpointing: ``None``, ``"full-block"`` or ``"self-attn"``.
+        activation_checkpointing: ``"full-block"``, ``"self-attn"``, ``"none"`` (off), or ``None``:
+            keep the mode already set on the model (``set_activation_checkpointing``), applying
+            ``"self-attn"``, which the model records but does not run itself.
         mixed_precision: ``"bf16"``: blocks compute with bf16 weights, gradients reduced in fp32,
             fp32 master weights, the root (text path, head) in fp32; use it with
             ``precision="bf16-mixed"``.  ``"fp32"``: fp32 weights everywhere (with
@@ -218,7 +220,10 @@ def parallelize(model: nn.Module, device_mesh, *, activation_checkpointing: Opti
         # Pinned host memory speeds up the copies to an accelerator; without one it cannot be had.
         extra["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
 
-    apply_activation_checkpointing(model, activation_checkpointing)
+    # None keeps the model's own setting (BitwiseVARModule(activation_checkpointing=...) sets it).
+    mode = getattr(model, "activation_checkpointing", None) if activation_checkpointing is None \
+        else activation_checkpointing
+    apply_activation_checkpointing(model, mode)
 
     groups = [list(chunk.module) for chunk in model.block_chunks] if hasattr(model, "block_chunks") \
         else [[b] for b in model.blocks]
@@ -319,8 +324,9 @@ def make_strategy(name: str = "auto", **kwargs: Any):
     """The Lightning strategy for a recipe's ``trainer.strategy`` name.
 
     * ``"auto"``: Lightning's choice (returns the string ``"auto"``).
-    * ``"ddp"``: ``DDPStrategy(**kwargs)`` (``broadcast_buffers=False`` unless given: the
-      transformer's only buffers are constant zeros, as in the original).
+    * ``"ddp"``: ``DDPStrategy(**kwargs)``; unless given, ``broadcast_buffers=False`` (the
+      transformer's only buffers are constant zeros, as in the original) and
+      ``gradient_as_bucket_view=True`` (no second copy of the gradients).
     * ``"fsdp2"``: :class:`FSDP2Strategy` (``data_parallel_size``, ``save_distributed_checkpoint``,
       ``process_group_backend``, ``timeout``); the module shards itself in ``configure_model``.
     * ``"model_parallel"``: Lightning's ``ModelParallelStrategy(**kwargs)`` with explicit mesh sizes.
@@ -335,6 +341,8 @@ def make_strategy(name: str = "auto", **kwargs: Any):
         from lightning.pytorch.strategies import DDPStrategy
 
         kwargs.setdefault("broadcast_buffers", False)
+        # Gradients live in the communication buckets instead of beside them: 4 bytes/param less.
+        kwargs.setdefault("gradient_as_bucket_view", True)
         return DDPStrategy(**kwargs)
     if key == "fsdp2":
         return FSDP2Strategy(**kwargs)

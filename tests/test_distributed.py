@@ -228,6 +228,7 @@ def test_make_strategy_names():
     assert make_strategy("auto") == "auto"
     ddp = make_strategy("ddp")
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["broadcast_buffers"] is False
+    assert ddp._ddp_kwargs["gradient_as_bucket_view"] is True
     fsdp2 = make_strategy("fsdp2")
     assert isinstance(fsdp2, FSDP2Strategy) and isinstance(fsdp2, ModelParallelStrategy)
     assert fsdp2._save_distributed_checkpoint is True and fsdp2._tensor_parallel_size == 1
