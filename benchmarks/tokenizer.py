@@ -7,7 +7,9 @@
 Random weights (speed does not depend on them).  Prints one JSON object: images per second for
 encode and decode per (size, dtype), median seconds per batch, and peak memory (process RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU).  bf16 means bf16 autocast for the convolutions; the
-quantizer always runs in fp32.  The default run takes about a minute on a 2-core CPU.
+quantizer always runs in fp32.  Encoder and decoder FLOPs are counted on the meta device, so
+``*_gflop_per_s`` can be compared with the machine's matmul peak.  The default run takes about a
+minute on an idle 2-core CPU.
 """
 from __future__ import annotations
 
@@ -39,16 +41,36 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _time(fn, device, warmup: int, repeats: int):
+    """Median wall seconds and median process CPU seconds of ``fn`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return out, times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return out, statistics.median(wall), statistics.median(cpu)
+
+
+def _gflop(cfg, batch: int, size: int):
+    """Forward GFLOP of the encoder and the decoder, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = BSQVAE(cfg)
+        x = torch.zeros(batch, 3, size, size)
+        latent = size // cfg.patch_size
+        z = torch.zeros(batch, cfg.codebook_dim, latent, latent)
+    out = []
+    for module, inp in ((meta.encoder, x), (meta.decoder, z)):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            module(inp)
+        out.append(counter.get_total_flops() / 1e9)
+    return out
 
 
 def main(argv=None) -> int:
@@ -85,6 +107,7 @@ def main(argv=None) -> int:
         x = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
         latent = size // vae.stride
         schedule = vae.default_schedule(latent, latent)
+        enc_gflop, dec_gflop = _gflop(cfg, args.batch, size)
         for dtype in dtypes:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -94,19 +117,23 @@ def main(argv=None) -> int:
                 with torch.no_grad(), autocast:
                     return vae.quantize_multiscale(vae.encode_raw(x), schedule)[0]
 
-            summed, enc_times = _time(encode, device, args.warmup, args.repeats)
+            summed, enc_s, enc_cpu = _time(encode, device, args.warmup, args.repeats)
 
             def decode():
                 with torch.no_grad(), autocast:
                     return vae.decode(summed)
 
-            _, dec_times = _time(decode, device, args.warmup, args.repeats)
-            enc_s, dec_s = statistics.median(enc_times), statistics.median(dec_times)
+            _, dec_s, dec_cpu = _time(decode, device, args.warmup, args.repeats)
             results.append({
                 "size": size, "dtype": dtype, "batch": args.batch, "scales": len(schedule),
                 "encode_images_per_s": round(args.batch / enc_s, 4),
                 "decode_images_per_s": round(args.batch / dec_s, 4),
                 "encode_s_per_batch": round(enc_s, 4), "decode_s_per_batch": round(dec_s, 4),
+                # CPU seconds of this process: on a busy machine, wall time / CPU time shows how
+                # much of the wall time was spent waiting for cores.
+                "encode_cpu_s_per_batch": round(enc_cpu, 4), "decode_cpu_s_per_batch": round(dec_cpu, 4),
+                "encoder_gflop_per_batch": round(enc_gflop, 2), "decoder_gflop_per_batch": round(dec_gflop, 2),
+                "encode_gflop_per_s": round(enc_gflop / enc_s, 1), "decode_gflop_per_s": round(dec_gflop / dec_s, 1),
                 "peak_memory_mb": round(_peak_memory_mb(device), 1),
             })
             print(f"# {size}px {dtype}: encode {args.batch / enc_s:.3f} img/s, decode {args.batch / dec_s:.3f} img/s",
