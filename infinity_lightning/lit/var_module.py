@@ -478,12 +478,22 @@ class BitwiseVARModule(pl.LightningModule):
             for k, a in enumerate(out["acc_scale"]):
                 self.log(f"{stage}/acc_scale{k}", a, **kw)
 
-    def on_train_epoch_start(self) -> None:
+    def _sync_data_epoch(self) -> None:
         # The data order of an epoch is a function of the epoch number, so a resumed run sees the
-        # same batches as the uninterrupted one (DataModules with set_epoch).
+        # same batches as the uninterrupted one (DataModules with set_epoch).  A checkpoint taken
+        # at the end of an epoch resumes into the next epoch without on_train_epoch_start, hence
+        # the call from on_train_start too.  (A checkpoint taken in the middle of an epoch
+        # restarts that epoch's data from its first batch unless the DataModule's loader is
+        # stateful.)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and callable(getattr(dm, "set_epoch", None)):
             dm.set_epoch(self.trainer.current_epoch)
+
+    def on_train_start(self) -> None:
+        self._sync_data_epoch()
+
+    def on_train_epoch_start(self) -> None:
+        self._sync_data_epoch()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.hparams.reseed_global_rng:
@@ -587,10 +597,26 @@ class BitwiseVARModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        self._fix_data_epoch(checkpoint)
         if not self.hparams.save_frozen_modules and isinstance(checkpoint.get("state_dict"), dict):
             sd = checkpoint["state_dict"]
             for k in [k for k in sd if k.startswith(self._FROZEN)]:
                 del sd[k]
+
+    def _fix_data_epoch(self, checkpoint: Dict[str, Any]) -> None:
+        # A checkpoint written after the last batch of an epoch resumes into the next epoch, and
+        # Lightning creates that epoch's data iterator before any epoch hook runs; so the
+        # DataModule state saved here must already name the next epoch.
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        state = checkpoint.get(type(dm).__qualname__) if dm is not None else None
+        if not isinstance(state, dict) or "epoch" not in state:
+            return
+        try:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+        except (AttributeError, TypeError):
+            return
+        state["epoch"] = int(trainer.current_epoch) + (1 if done else 0)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
