@@ -22,6 +22,7 @@ This module imports torch only (and the plain :class:`TokenizerConfig` dataclass
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -97,8 +98,9 @@ def bits_to_codes(bits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
     ``codes = normalize_d(bits * s * 2 - s)`` with ``s = 1/sqrt(d)``, evaluated left to right on
     the integer tensor (spec 6.4).  The normalisation is mathematically a no-op but moves values by
-    one ulp for some d (24), which the released generation numbers include.  The result is a
-    permuted (channels-last-3d) view of a d-fastest tensor.
+    one ulp for some d (24), which the released generation numbers include.  For d-fastest labels
+    (what the quantizer and the sampler produce) the result is a permuted (channels-last-3d) view
+    of a d-fastest tensor.
     """
     if bits.dtype == torch.bool:
         bits = bits.to(torch.uint8)
@@ -106,7 +108,9 @@ def bits_to_codes(bits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         raise TypeError(f"bit labels must be an integer or bool tensor, got {bits.dtype}")
     d = bits.shape[-1]
     s = 1.0 / math.sqrt(d)
-    codes = bits.contiguous() * s * 2 - s
+    # Element-wise on the labels as they are laid out (d-fastest for every label tensor the
+    # quantizer or the sampler produces); no copy, so the codes inherit that layout.
+    codes = bits * s * 2 - s
     codes = F.normalize(codes.float(), p=2.0, dim=-1, eps=eps)
     return codes.permute(0, 4, 1, 2, 3)
 
@@ -446,10 +450,45 @@ class BSQVAE(nn.Module):
             raise ValueError(f"image size {H}x{W} is not a multiple of the tokenizer stride {p}; "
                              "crop or resize it first (see infinity_lightning.images)")
 
-    def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
-        """Encoder features before quantisation: (B, 3, H, W) -> (B, d, H/p, W/p) fp32."""
+    def encode_raw(self, images: torch.Tensor, *, dtype: Optional[torch.dtype] = None,
+                   channels_last: bool = False) -> torch.Tensor:
+        """Encoder features before quantisation: (B, 3, H, W) -> (B, d, H/p, W/p) fp32.
+
+        ``dtype`` (e.g. ``torch.bfloat16``) and ``channels_last`` select the fast inference path
+        (:meth:`_run_fast`); the default is the exact fp32 path.
+        """
         self._check_images(images)
-        return self.encoder(images).float()
+        if dtype is None and not channels_last:
+            return self.encoder(images).float()
+        return self._run_fast("encoder", images, dtype, channels_last)
+
+    def _run_fast(self, name: str, x: torch.Tensor, dtype: Optional[torch.dtype], channels_last: bool) -> torch.Tensor:
+        """Run ``self.<name>`` on a low-precision and/or channels-last copy (inference only).
+
+        The copy (weights in ``dtype``, convolution weights channels-last) is built on first use
+        and rebuilt whenever a parameter of the original changes (in-place updates included), so
+        training the tokenizer never meets stale weights.  Group norms run natively in bf16 with
+        fp32 statistics.  Not bit-identical to fp32: decoded images differ by about 1e-2 in bf16
+        (benchmarks/tokenizer.py reports the error); channels-last alone by about 1e-5.
+        Returns an fp32 contiguous tensor.
+        """
+        module = getattr(self, name)
+        dtype = dtype or torch.float32
+        stamp = tuple((p.data_ptr(), p._version, p.device) for p in module.parameters())
+        cache = self.__dict__.setdefault("_fast_copies", {})
+        key = (name, dtype, bool(channels_last))
+        entry = cache.get(key)
+        if entry is None or entry[0] != stamp:
+            fast = copy.deepcopy(module).requires_grad_(False).eval().to(dtype)
+            if channels_last:
+                fast = fast.to(memory_format=torch.channels_last)
+            entry = cache[key] = (stamp, fast)
+        x = x.to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            out = entry[1](x)
+        return out.float().contiguous()
 
     def quantize_multiscale(self, raw: torch.Tensor, vae_schedule: Sequence[Sequence[int]], **kwargs):
         """Multi-scale residual quantization of ``raw`` (B, d, h, w).
@@ -465,16 +504,20 @@ class BSQVAE(nn.Module):
             raise ValueError(f"bit labels have {bits.shape[-1]} bits, the tokenizer uses {self.codebook_dim}")
         return bits_to_codes(bits)
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, *, dtype: Optional[torch.dtype] = None,
+               channels_last: bool = False) -> torch.Tensor:
         """Codes (B, d, h, w) -> images (B, 3, p*h, p*w) clamped to [-1, 1].
 
         The input's memory layout is kept: the convolutions' CPU results depend on it in the last
         bits, and the released numbers decode the quantizer sum contiguously and the generation
-        sum channels-last.
+        sum channels-last.  ``dtype`` (e.g. ``torch.bfloat16``) and ``channels_last`` select the
+        fast inference path (:meth:`_run_fast`; no gradients); the default is the exact path.
         """
         if codes.dim() == 5:
             codes = codes.squeeze(2)
-        return self.decoder(codes).clamp(-1.0, 1.0)
+        if dtype is None and not channels_last:
+            return self.decoder(codes).clamp(-1.0, 1.0)
+        return self._run_fast("decoder", codes, dtype, channels_last).clamp(-1.0, 1.0)
 
     def codes_from_bits(self, bit_labels: Sequence[torch.Tensor], vae_schedule: Sequence[Sequence[int]]
                         ) -> torch.Tensor:
