@@ -51,12 +51,33 @@ def _launch(script: str, out: Path, *args: str, nproc: int = 2) -> None:
         raise AssertionError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{tail}")
 
 
+def _shared_output(tmp_path_factory, name: str, launch) -> Path:
+    """Run ``launch(out)`` once per test session, even with pytest-xdist: the workers share the
+    parent of their temporary folders, and a file lock lets the first one launch while the others
+    wait and reuse its files (two workers each launching would double the time on 2 cores)."""
+    from filelock import FileLock  # a dependency of torch
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    out = base / f"infinity_{name}"
+    with FileLock(str(out) + ".lock"):
+        done = out / "done"
+        if not done.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            launch(out)
+            done.write_text("ok")
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The single-process reference and the distributed training launch."""
-    out = tmp_path_factory.mktemp("distributed")
-    _launch("train_and_compare.py", out, "single", nproc=1)
-    _launch("train_and_compare.py", out, "distributed")
+    def launch(out):
+        _launch("train_and_compare.py", out, "single", nproc=1)
+        _launch("train_and_compare.py", out, "distributed")
+
+    out = _shared_output(tmp_path_factory, "distributed_training", launch)
     load = lambda name: torch.load(out / name, map_location="cpu", weights_only=False)  # noqa: E731
     return {"out": out, "single": load("single.pt"), "fsdp": load("fsdp.pt"), "resume": load("fsdp_resume.pt"),
             "ddp": load("ddp.pt"), "bf16": load("fsdp_bf16.pt"), "consolidated": load("consolidated.pt"),
@@ -184,8 +205,7 @@ def test_eight_bit_optimizer_refused_under_fsdp2(runs):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data_split(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data_split")
-    _launch("data_split.py", out)
+    out = _shared_output(tmp_path_factory, "data_split", lambda o: _launch("data_split.py", o))
     return json.loads((out / "data_split.json").read_text())
 
 
