@@ -23,9 +23,12 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import torch
+
+if TYPE_CHECKING:  # Pillow is imported when the command runs
+    import PIL.Image
 
 STEPS_1M_SQUARE = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
 
@@ -78,7 +81,7 @@ def choose_schedule(vae, latent_h: int, latent_w: int, mode: str) -> List[Tuple[
     return [tuple(s) for s in scales.latent_schedule(latent_h, latent_w, mode)]
 
 
-def prepare_image(path: str, vae, args) -> Tuple["Image", Tuple[int, int]]:
+def prepare_image(path: str, vae, args) -> Tuple["PIL.Image.Image", Tuple[int, int]]:
     """Load and size one image as ``--resize`` says; returns the PIL image and its original size."""
     from infinity_lightning import images
 
