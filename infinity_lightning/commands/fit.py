@@ -7,7 +7,8 @@ The recipe's top-level ``kind`` picks the builder: ``var`` (bitwise VAR transfor
 
 Outputs go to ``output_dir`` (recipe key, or ``--output-dir``): the resolved recipe
 ``recipe.yaml`` (every interpolation and override applied), TensorBoard logs under ``tb/``,
-checkpoints under ``checkpoints/`` (VAR recipes' ``callbacks.checkpoint``).  ``--ckpt-path``
+checkpoints under ``checkpoints/`` (VAR recipes' ``callbacks.checkpoint``), with ``last.ckpt``
+written at the end of training.  ``--ckpt-path``
 (or the recipe's ``ckpt_path``) resumes a run from a Lightning checkpoint; ``last`` picks the
 newest checkpoint in ``<output_dir>/checkpoints``.
 """
@@ -76,8 +77,10 @@ def prepare(recipe: str, overrides: Sequence[str] = (), output_dir: Optional[str
 
     from ..recipes import load_recipe, resolve_recipe, save_recipe, to_dict
 
+    from ..lit.build import overrides_for_missing
+
     path = resolve_recipe(recipe)
-    overrides = list(overrides)
+    overrides = overrides_for_missing(path, list(overrides))
     raw = load_recipe(path, overrides)
     kind = recipe_kind(raw, path)
     if kind == "var":
@@ -135,5 +138,20 @@ def run(args: argparse.Namespace) -> int:
           f"{run_['output_dir'] / 'recipe.yaml'}" + (f", resuming from {run_['ckpt_path']}" if run_["ckpt_path"] else ""))
     if args.dry_run:
         return 0
-    run_["trainer"].fit(run_["module"], datamodule=run_["datamodule"], ckpt_path=run_["ckpt_path"])
+    trainer = run_["trainer"]
+    trainer.fit(run_["module"], datamodule=run_["datamodule"], ckpt_path=run_["ckpt_path"])
+    save_final_checkpoint(trainer)
     return 0
+
+
+def save_final_checkpoint(trainer: Any) -> Optional[Path]:
+    """Write ``last.ckpt`` in the checkpoint folder after fit, so the final state is never lost
+    (step-interval checkpoints miss the last steps; the original never saved at the end)."""
+    cb = trainer.checkpoint_callback
+    if cb is None or not getattr(cb, "dirpath", None) or trainer.global_step == 0:
+        return None
+    path = Path(cb.dirpath) / "last.ckpt"
+    if path.is_symlink():
+        path.unlink()
+    trainer.save_checkpoint(str(path))
+    return path

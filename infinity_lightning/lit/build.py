@@ -25,6 +25,9 @@ callbacks)``.  Sections (every key is checked against :data:`VAR_SCHEMA`):
     ``self_correction`` (:class:`SelfCorrectionSchedule`), ``ema`` (:class:`EMA`),
     ``sample_logger`` (:class:`SampleLogger`), ``checkpoint`` (``ModelCheckpoint``; files in
     ``<output_dir>/checkpoints``), ``lr_monitor`` (bool); ``null`` switches one off.
+    DataModules that count skipped records (``skip_summary``) always get a
+    :class:`~infinity_lightning.datamodules.DataModuleMonitor`, which logs the skips of every epoch
+    (``data/skipped``, ``data/skipped_<reason>``) and a summary line.
 top level
     ``kind: var``, ``seed``, ``output_dir``, ``ckpt_path`` (resume; ``last`` = newest checkpoint
     in ``<output_dir>/checkpoints``).
@@ -50,6 +53,7 @@ __all__ = [
     "build_datamodule",
     "load_transformer_weights",
     "load_var_recipe",
+    "overrides_for_missing",
     "missing_values",
     "DROP_GROUPS",
 ]
@@ -144,10 +148,28 @@ def check_missing(cfg: Any, source: str) -> None:
                           f"Give them on the command line, e.g. `infinity-lightning fit RECIPE {example}`")
 
 
+def overrides_for_missing(path_or_name: Any, overrides: Sequence[str]) -> List[str]:
+    """Overrides with a ``+`` added where they set a ``???`` value.
+
+    ``recipes.apply_overrides`` checks that a key exists with ``in``, which OmegaConf answers
+    with False for mandatory (``???``) values, so ``model.weights=...`` would be refused as an
+    unknown key exactly where the recipe asks for it.
+    """
+    from ..recipes import load_recipe
+
+    missing = set(missing_values(load_recipe(path_or_name)))
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip() if isinstance(item, str) else ""
+        out.append("+" + item if key in missing else item)
+    return out
+
+
 def load_var_recipe(path_or_name: Any, overrides: Sequence[str] = ()):
     """Load a ``kind: var`` recipe with overrides, check ``???`` values and validate it."""
     from ..recipes import load_recipe, resolve_recipe
 
+    overrides = overrides_for_missing(path_or_name, overrides)
     cfg = load_recipe(path_or_name, overrides)
     check_missing(cfg, str(resolve_recipe(path_or_name)))
     return load_recipe(path_or_name, overrides, schema=VAR_SCHEMA)
@@ -395,4 +417,8 @@ def build_var_training(cfg: Any) -> Tuple[Any, Any, Dict[str, Any], List[Any]]:
         module_cfg["betas"] = tuple(module_cfg["betas"])
     module = BitwiseVARModule(transformer, tokenizer, text_encoder, **module_cfg)
     callbacks = _build_callbacks(cb_cfg, output_dir)
+    if callable(getattr(datamodule, "skip_summary", None)):
+        from ..datamodules import DataModuleMonitor
+
+        callbacks.append(DataModuleMonitor())
     return module, datamodule, tkw, callbacks

@@ -1,0 +1,122 @@
+"""Every recipe under recipes/ builds: module, DataModule, callbacks and Trainer (through the
+``fit`` command's ``prepare``), with tiny stand-ins where a recipe needs weights or data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from PIL import Image
+
+from infinity_lightning.commands.fit import prepare
+from infinity_lightning.lit.var_module import BitwiseVARModule
+from infinity_lightning.recipes import RecipeError, list_recipes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _jsonl_folder(root: Path) -> Path:
+    """The original on-disk layout (spec 8.1) with four 256 px images."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (256, 256), colour).save(root / f"{i}.png")
+        lines.append(json.dumps({"image_path": f"{i}.png", "h_div_w": 1.0, "long_caption": f"a {colour} square",
+                                 "text": colour}))
+    (root / "1.000_000000004.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _image_folder(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (64, 64), colour).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a {colour} square")
+    return root
+
+
+def _stand_ins(name: str, tmp: Path) -> List[str]:
+    """Overrides replacing the weights and data a recipe needs by tiny local files."""
+    out = [f"+output_dir={tmp / 'run'}"] if name.startswith("var/") else []
+    if name == "var/quickstart":
+        return out + ["data.num_samples=16"]
+    if name == "var/emoji":
+        return out + ["data.max_emoji=16"]
+    if name == "var/pretrain_layer12_256":
+        # the real layer12c4 architecture; a d32 tokenizer of the tiny layout; a tiny text encoder
+        return out + ["model.tokenizer=tiny", "+model.tokenizer_overrides.codebook_dim=32",
+                      "+model.overrides.text_channels=64", "model.text_encoder=tiny:64",
+                      f"data.data_dir={_jsonl_folder(tmp / 'jsonl')}"]
+    if name == "var/finetune_2b":
+        from infinity_lightning.transformer_checkpoints import save_transformer
+        from tests.test_var_module import tiny_transformer
+
+        weights = save_transformer(tiny_transformer(seed=5), tmp / "infinity_tiny.pth")
+        return out + [f"model.weights={weights}", "model.tokenizer=tiny", "model.text_encoder=tiny:64",
+                      f"data.data_dir={_jsonl_folder(tmp / 'jsonl')}"]
+    if name == "tokenizer/finetune_d32_reg":
+        from infinity_lightning.checkpoints import save_tokenizer
+        from infinity_lightning.models.bsq_vae import BSQVAE
+        from infinity_lightning.presets import tokenizer_config
+
+        weights = save_tokenizer(BSQVAE(tokenizer_config("tiny", codebook_dim=32)), tmp / "vae_d32_tiny.pth")
+        return [f"model.weights={weights}", f"data.data_dir={_image_folder(tmp / 'images')}"]
+    if name in ("tokenizer/d16_256", "tokenizer/d32_256"):
+        return [f"data.data_dir={_image_folder(tmp / 'images')}"]
+    return []
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_recipe_builds(name, tmp_path):
+    run = prepare(name, _stand_ins(name, tmp_path), output_dir=str(tmp_path / "run"), logger="none")
+    assert run["kind"] == name.split("/")[0]
+    assert isinstance(run["trainer"], pl.Trainer)
+    assert (tmp_path / "run" / "recipe.yaml").exists()
+    module = run["module"]
+    if run["kind"] == "var":
+        assert isinstance(module, BitwiseVARModule)
+        cfg = run["cfg"]
+        assert module.hparams.pn == cfg.module.pn
+        assert module.cond_drop_rate == pytest.approx(cfg.module.cond_drop_rate)
+        assert sum(p.requires_grad for p in module.tokenizer.parameters()) == 0
+        assert all(p.requires_grad for p in module.transformer.parameters())
+        names = {type(c).__name__ for c in run["trainer"].callbacks}
+        if cfg.callbacks.self_correction is not None:
+            assert "SelfCorrectionSchedule" in names
+        if cfg.callbacks.ema is not None:
+            assert "EMA" in names
+        if cfg.callbacks.sample_logger is not None:
+            assert "SampleLogger" in names
+        expected = {"var/pretrain_layer12_256": (12, 768, 4), "var/quickstart": (2, 64, 2),
+                    "var/emoji": (4, 192, 1), "var/finetune_2b": (2, 64, 2)}.get(name)
+        if expected is not None:
+            c = module.transformer.config
+            assert (c.depth, c.embed_dim, c.block_chunks) == expected
+        if name == "var/finetune_2b":
+            # loaded weights, not a fresh init
+            from tests.test_var_module import tiny_transformer
+
+            ref = tiny_transformer(seed=5).state_dict()
+            assert torch.equal(module.transformer.state_dict()["head.weight"], ref["head.weight"])
+            assert module.hparams.activation_checkpointing == "full-block"
+            assert run["trainer"].precision == "bf16-mixed"
+
+
+def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):
+    with pytest.raises(RecipeError, match="model.weigths"):
+        prepare("var/quickstart", ["+model.weigths=x"], output_dir=str(tmp_path), logger="none")
+    with pytest.raises(RecipeError, match="callbacks.ema.decay_rate|decay_rate"):
+        prepare("var/quickstart", ["callbacks.ema={decay_rate: 0.9}"], output_dir=str(tmp_path), logger="none")
+    with pytest.raises(RecipeError, match="data.data_dir.*model.text_encoder.*model.tokenizer"):
+        prepare("var/pretrain_layer12_256", [], output_dir=str(tmp_path), logger="none")
+    with pytest.raises(Exception, match="drop_mismatched"):
+        prepare("var/quickstart", ["model.drop_mismatched=[heads]"], output_dir=str(tmp_path), logger="none")
