@@ -177,7 +177,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: Optional[str]) -> Non
 
         model.set_activation_checkpointing("self-attn")
         for block in model.block_list():
-            checkpoint(block.sa)
+            if not getattr(block.sa, "_self_attn_checkpointed", False):  # applying twice is an error
+                checkpoint(block.sa)
+                block.sa._self_attn_checkpointed = True
         return
     raise ValueError(f"activation_checkpointing {mode!r}; expected one of {ACTIVATION_CHECKPOINTING}")
 
