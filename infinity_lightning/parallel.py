@@ -46,6 +46,7 @@ __all__ = [
     "MIXED_PRECISION",
     "STRATEGIES",
     "parallelize",
+    "apply_activation_checkpointing",
     "make_parallelize_fn",
     "fsdp_mesh",
     "make_strategy",
