@@ -44,9 +44,15 @@ def extract_transformer_state(obj: Mapping[str, Any], source: str, use_ema: bool
                 return dict(trainer[k])
         raise CheckpointError(f"{source} is a training checkpoint without a transformer state ({sorted(trainer)})")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):  # Lightning checkpoint
-        sd = obj["state_dict"]
-        if use_ema and isinstance(obj.get("ema_state"), Mapping):
-            sd = {**sd, **{f"transformer.{k}": v for k, v in obj["ema_state"].items()}}
+        sd = {k: v for k, v in obj["state_dict"].items() if not k.startswith("__ema__.")}
+        if use_ema:
+            ema = obj.get("ema_state")
+            if not (isinstance(ema, Mapping) and isinstance(ema.get("weights"), Mapping)):
+                raise CheckpointError(f"{source} holds no EMA weights (ema_state['weights']); "
+                                      "train with the EMA callback or load without use_ema")
+            attribute = ema.get("attribute")
+            prefix = f"{attribute}." if attribute else ""
+            sd = {**sd, **{prefix + k: v for k, v in ema["weights"].items()}}
         sub = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
         return sub or dict(sd)
     if "vae" in obj and isinstance(obj["vae"], Mapping):

@@ -267,3 +267,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(text, x, schedule).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_lightning_checkpoint_with_ema_weights(tmp_path):
+    model = randomize(InfinityTransformer(transformer_config("tiny")), 6)
+    sd = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    ema = {k: v + 1.0 for k, v in model.state_dict().items() if not k.endswith("zero_k_bias")}
+    ckpt = {"state_dict": {**sd, "__ema__.head.weight": ema["head.weight"]},
+            "ema_state": {"weights": ema, "attribute": "transformer", "decay": 0.99}}
+    atomic_save(ckpt, tmp_path / "last.ckpt")
+    plain = load_transformer(tmp_path / "last.ckpt", config="tiny")
+    averaged = load_transformer(tmp_path / "last.ckpt", config="tiny", use_ema=True)
+    assert torch.equal(plain.head.weight, model.head.weight)
+    assert torch.equal(averaged.head.weight, model.head.weight + 1.0)
+    atomic_save({"state_dict": sd}, tmp_path / "no_ema.ckpt")
+    with pytest.raises(CheckpointError, match="EMA"):
+        load_transformer(tmp_path / "no_ema.ckpt", config="tiny", use_ema=True)
