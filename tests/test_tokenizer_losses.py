@@ -89,6 +89,18 @@ def test_entropy_gradient_pushes_towards_corners():
     assert torch.all(torch.sign(-u.grad) == torch.sign(u.detach()))
 
 
+def test_entropy_gradients_finite_when_saturated():
+    # A sharp temperature saturates the sigmoids to exactly 0 / 1 in fp32; gradients must stay finite.
+    u = F.normalize(torch.tensor([[0.9, -0.4, 0.1, 0.2], [0.8, -0.5, 0.3, 0.1]]), dim=1).requires_grad_(True)
+    terms = bsq_entropy_terms(u, inv_temperature=1e4, gamma=1.0, dim=1)
+    assert bsq_bit_probabilities(u, 1e4, dim=1).detach().eq(1.0).any()
+    terms.loss.backward()
+    assert torch.isfinite(u.grad).all()
+    p = torch.tensor([0.0, 1.0, 0.3], requires_grad=True)
+    binary_entropy(p).sum().backward()
+    assert torch.isfinite(p.grad).all()
+
+
 def test_commitment_loss_value_and_stop_gradient():
     u = torch.tensor([[[[0.6]], [[-0.8]]]], requires_grad=True)  # (1, 2, 1, 1)
     q = torch.tensor([[[[1.0]], [[-1.0]]]]) / math.sqrt(2)

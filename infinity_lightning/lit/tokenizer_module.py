@@ -85,6 +85,8 @@ class _FIDFeatures(nn.Module):
             with torch.no_grad():
                 num_features = int(module(torch.rand(1, 3, 64, 64)).reshape(1, -1).shape[1])
         self.num_features = int(num_features)
+        # Frozen: it is an evaluation network, never in an optimizer (DDP would flag it unused).
+        self.module.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images.float()).reshape(images.shape[0], -1)
