@@ -10,7 +10,14 @@ Outputs go to ``output_dir`` (recipe key, or ``--output-dir``): the resolved rec
 checkpoints under ``checkpoints/`` (VAR recipes' ``callbacks.checkpoint``), with ``last.ckpt``
 written at the end of training.  ``--ckpt-path``
 (or the recipe's ``ckpt_path``) resumes a run from a Lightning checkpoint; ``last`` picks the
-newest checkpoint in ``<output_dir>/checkpoints``.
+newest complete checkpoint in ``<output_dir>/checkpoints`` (an error when there is none), ``auto``
+the same but starts afresh when there is none.  Truncated or corrupt checkpoints are skipped
+with a warning (:func:`infinity_lightning.reliability.find_resume_checkpoint`).
+
+Checkpoints are written atomically and loaded with ``weights_only=True``
+(:class:`infinity_lightning.reliability.AtomicCheckpointIO`, added to the trainer's plugins
+unless the recipe gives a ``CheckpointIO``), and the training loader resumes mid-epoch at the
+batch where the checkpoint was taken (:func:`infinity_lightning.reliability.make_data_resumable`).
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OmegaConf dot-list overrides (trainer.max_steps=100; +new.key=1 adds a key)")
     parser.add_argument("--output-dir", default=None, help="run folder (default: the recipe's output_dir)")
     parser.add_argument("--ckpt-path", default=None,
-                        help="resume from this Lightning checkpoint ('last': newest in <output_dir>/checkpoints)")
+                        help="resume from this Lightning checkpoint ('last': newest complete one in <output_dir>/checkpoints; "
+                             "'auto': the same, or start afresh when there is none)")
     parser.add_argument("--logger", choices=("tensorboard", "csv", "none"), default="tensorboard",
                         help="experiment logger (default tensorboard)")
     parser.add_argument("--dry-run", action="store_true", help="build everything and stop before training")
@@ -48,20 +56,32 @@ def recipe_kind(cfg: Any, path: Path) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], output_dir: Path) -> Optional[str]:
-    """A checkpoint path, with ``last`` meaning the newest ``*.ckpt`` under ``output_dir/checkpoints``."""
+    """A checkpoint path to resume from.
+
+    ``last``: the newest complete checkpoint under ``output_dir/checkpoints`` (an error when there
+    is none); ``auto``: the same, or ``None`` (a fresh start) when there is none.  Broken
+    checkpoints are skipped with a warning.  An explicit path must exist and be complete.
+    """
+    from ..io import CheckpointError
+    from ..reliability import find_resume_checkpoint, verify_checkpoint
+
     if ckpt_path in (None, "", "none", "null"):
         return None
-    if ckpt_path == "last":
+    if ckpt_path in ("last", "auto"):
         folder = output_dir / "checkpoints"
-        last = folder / "last.ckpt"
-        if last.exists():
-            return str(last)
-        found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-        if not found:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoint in {folder}")
-        return str(found[-1])
+        found = find_resume_checkpoint(folder)
+        if found is None:
+            if ckpt_path == "auto":
+                log.info("ckpt_path=auto: no complete checkpoint in %s; starting a new run", folder)
+                return None
+            raise FileNotFoundError(f"ckpt_path=last: no complete checkpoint in {folder}")
+        return str(found)
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
+    problem = verify_checkpoint(ckpt_path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint to resume from {ckpt_path} {problem}; give an older checkpoint or "
+                              "use --ckpt-path auto to pick the newest complete one")
     return str(ckpt_path)
 
 
@@ -111,8 +131,11 @@ def prepare(recipe: str, overrides: Sequence[str] = (), output_dir: Optional[str
         saved["ckpt_path"] = ckpt
     save_recipe(saved, out / "recipe.yaml")
 
-    trainer_kwargs = dict(trainer_kwargs)
+    from ..reliability import make_data_resumable, use_atomic_checkpoints
+
+    trainer_kwargs = use_atomic_checkpoints(trainer_kwargs)
     trainer_kwargs.setdefault("default_root_dir", str(out))
+    make_data_resumable(datamodule)
     if "logger" not in trainer_kwargs:
         if logger == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
