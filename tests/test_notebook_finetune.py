@@ -8,7 +8,6 @@ from pathlib import Path
 
 import nbclient
 import nbformat
-import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "finetune.ipynb"
 KERNEL = "infinity-finetune-test"

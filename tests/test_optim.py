@@ -1,7 +1,6 @@
 """Optimizer groups (spec 4.3), LR / WD schedules (spec 4.4), 8-bit AdamW, LR scaling."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ word), single-threaded.
 """
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Any, Dict, List
 

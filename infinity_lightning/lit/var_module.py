@@ -707,8 +707,8 @@ def precompute_latents(tokenizer: nn.Module, batches: Iterable[Mapping[str, Any]
                        max_batches: Optional[int] = None) -> Path:
     """Encode a dataset once and store the raw tokenizer features (and text features).
 
-    ``batches``: a DataModule's training loader (or any iterable of batch dicts with
-    ``images``, ``captions``, ``h_div_w_template``).  Writes ``{"latents": [ (d, h, w) ],
+    ``batches``: a DataModule (its training loader is used), a loader, or batch dicts with
+    ``images``, ``captions``, ``h_div_w_template``.  Writes ``{"latents": [ (d, h, w) ],
     "captions": [...], "h_div_w_template": [...], "text_features": [ (len_i, C) ] or None}`` with
     :func:`infinity_lightning.io.atomic_save`; :class:`LatentsDataModule` serves it.  Training
     on latents skips the encoder (the frozen tokenizer gives the same features every epoch;
@@ -716,6 +716,10 @@ def precompute_latents(tokenizer: nn.Module, batches: Iterable[Mapping[str, Any]
     """
     from ..io import atomic_save
 
+    if callable(getattr(batches, "train_dataloader", None)):  # a DataModule
+        if callable(getattr(batches, "setup", None)):
+            batches.setup("fit")
+        batches = batches.train_dataloader()
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     latents: List[torch.Tensor] = []
