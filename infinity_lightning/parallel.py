@@ -378,10 +378,10 @@ def _read_distributed_checkpoint(folder: Path) -> Dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:  # pragma: no cover
         dcp_to_torch_save(str(folder), os.path.join(tmp, "full.pt"))
-        checkpoint = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
+        checkpoint = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)
     meta = folder / _METADATA_FILENAME  # pragma: no cover
     if meta.is_file():  # pragma: no cover
-        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=False))
+        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
     return checkpoint  # pragma: no cover
 
 
@@ -455,8 +455,8 @@ def export_transformer(checkpoint: PathLike, out: PathLike, *, format: Optional[
         if checkpoint.is_dir():
             source = consolidate_checkpoint(checkpoint, Path(tmp) / "consolidated.ckpt", keep_optimizer=False)
         if use_ema:
-            obj = safe_load(source, what="checkpoint") if source == checkpoint else \
-                torch.load(source, map_location="cpu", weights_only=False)
+            # The consolidated file carries the user's shards and meta.pt: loaded as untrusted too.
+            obj = safe_load(source, what="checkpoint")
             ema = obj.get("ema_state") if isinstance(obj, dict) else None
             weights = ema.get("weights") if isinstance(ema, dict) else None
             if not weights:
