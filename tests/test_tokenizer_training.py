@@ -254,3 +254,23 @@ def test_build_rejects_unknown_and_missing_keys():
         build_tokenizer_training(recipe)
     module, dm, tk, cbs = build_tokenizer_training(base)
     assert module.perceptual is None and module.discriminator is None and dm.size == 32 and tk == {} and cbs == []
+
+
+def test_recipe_callbacks_checkpoint_dir_and_sample_logger(tmp_path):
+    from infinity_lightning.lit.tokenizer_module import _build_callbacks
+
+    callbacks = _build_callbacks({"checkpoint": {"save_last": True}, "lr_monitor": None,
+                                  "sample_logger": {"folder": str(tmp_path / "samples"), "every_n_steps": 2},
+                                  "ema": None})
+    assert [type(c).__name__ for c in callbacks] == ["_RunDirCheckpoint", "SampleLogger"]
+    module = _small_module(adv_weight=0.0, discriminator=None)
+    trainer = _trainer(2, callbacks=callbacks, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=_loader(_photo_batch(n=2), 2))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["inputs", "reconstructions"]
+    assert list((tmp_path / "samples" / "reconstructions").glob("*.png"))
+    # The checkpoint holds the tokenizer under "tokenizer.": load_tokenizer reads it directly.
+    loaded = load_tokenizer(tmp_path / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.tokenizer.state_dict().values()))
+    with pytest.raises(KeyError, match="unknown callback"):
+        _build_callbacks({"NoSuchCallback": {}})

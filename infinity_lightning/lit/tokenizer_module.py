@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
@@ -596,32 +597,72 @@ def _build_datamodule(data_cfg: Mapping[str, Any]):
     raise KeyError(f"tokenizer recipe: unknown data module {name!r}")
 
 
+class _RunDirCheckpoint(pl.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose default folder is ``<trainer.default_root_dir>/checkpoints`` (where
+    ``infinity-lightning fit --ckpt-path last`` looks), whatever logger is attached."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+
+def _callback_class(name: str, where: str):
+    try:
+        import infinity_lightning.callbacks as own
+
+        cls = getattr(own, name, None)
+    except ImportError:  # pragma: no cover - callbacks ship with the package
+        cls = None
+    if cls is None:
+        import lightning.pytorch.callbacks as lcb
+
+        cls = getattr(lcb, name, None)
+    if cls is None or not isinstance(cls, type):
+        raise KeyError(f"tokenizer recipe: {where}: unknown callback {name!r} (expected one of checkpoint, "
+                       "lr_monitor, sample_logger, ema, or a class in infinity_lightning.callbacks or "
+                       "lightning.pytorch.callbacks)")
+    return cls
+
+
 def _build_callbacks(entries: Any) -> List[pl.Callback]:
+    """Callbacks from the recipe's ``callbacks`` section.
+
+    A mapping as in the VAR recipes: ``checkpoint`` (``ModelCheckpoint`` kwargs; files in
+    ``<default_root_dir>/checkpoints``), ``lr_monitor`` (bool), ``sample_logger`` (``SampleLogger``
+    kwargs; prompts are optional since :meth:`BSQTokenizerModule.log_images` ignores them), ``ema``
+    (``EMA`` kwargs, ``attribute`` defaults to ``tokenizer``), or any callback class name -> kwargs;
+    ``null`` switches an entry off.  A list of ``{name: ClassName, **kwargs}`` also works.
+    """
     if not entries:
         return []
     if isinstance(entries, Mapping):
-        entries = [dict(name=k, **(v or {})) for k, v in entries.items()]
-    out = []
-    for i, entry in enumerate(entries):
-        entry = dict(entry)
-        if "name" not in entry:
-            raise KeyError(f"tokenizer recipe: callbacks[{i}] needs a 'name' (a class in "
-                           "infinity_lightning.callbacks or lightning.pytorch.callbacks)")
-        name = entry.pop("name")
-        cls = None
-        try:
-            import infinity_lightning.callbacks as own
-
-            cls = getattr(own, name, None)
-        except ImportError:
-            pass
-        if cls is None:
-            import lightning.pytorch.callbacks as lcb
-
-            cls = getattr(lcb, name, None)
-        if cls is None:
-            raise KeyError(f"tokenizer recipe: callbacks[{i}]: unknown callback {name!r}")
-        out.append(cls(**entry))
+        items = list(entries.items())
+    else:
+        items = []
+        for i, entry in enumerate(entries):
+            entry = dict(entry)
+            if "name" not in entry:
+                raise KeyError(f"tokenizer recipe: callbacks[{i}] needs a 'name' (a callback class name)")
+            items.append((entry.pop("name"), entry))
+    out: List[pl.Callback] = []
+    for key, kwargs in items:
+        if kwargs is None or kwargs is False:
+            continue
+        kwargs = {} if kwargs is True else dict(kwargs)
+        where = f"callbacks.{key}"
+        if key == "checkpoint":
+            out.append(_RunDirCheckpoint(**kwargs))
+        elif key == "lr_monitor":
+            out.append(pl.callbacks.LearningRateMonitor(**{"logging_interval": "step", **kwargs}))
+        elif key == "sample_logger":
+            kwargs.setdefault("prompts", ["reconstruction"])
+            out.append(_callback_class("SampleLogger", where)(**kwargs))
+        elif key == "ema":
+            kwargs.setdefault("attribute", "tokenizer")
+            out.append(_callback_class("EMA", where)(**kwargs))
+        else:
+            out.append(_callback_class(key, where)(**kwargs))
     return out
 
 
@@ -632,7 +673,7 @@ def build_tokenizer_training(cfg: Any, **module_kwargs: Any):
     ``overrides`` or ``weights``; ``schedule_mode``, ``scale_drop_rate``, ``detach_residual``),
     ``loss``, ``optim`` (see :data:`TOKENIZER_RECIPE_KEYS`), ``data`` (``name`` + the DataModule's
     kwargs, built with ``infinity_lightning.datamodules.build_datamodule``), ``trainer`` (Lightning
-    ``Trainer`` kwargs) and ``callbacks`` (a list of ``{name: ClassName, **kwargs}``), plus
+    ``Trainer`` kwargs) and ``callbacks`` (see :func:`_build_callbacks`), plus
     optional ``task`` (must be ``"tokenizer"``) and ``seed``.  Unknown keys raise ``KeyError``
     naming the section.  ``module_kwargs`` go to :class:`BSQTokenizerModule` as-is (for
     modules that cannot live in a YAML file, e.g. ``fid_feature``).
