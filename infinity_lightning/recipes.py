@@ -147,7 +147,8 @@ def _dotted_keys(node: Any, prefix: str = "") -> List[str]:
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
     node: Any = cfg
     for part in dotted.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        # keys() rather than `in`: OmegaConf answers False for `in` on mandatory (???) values
+        if not isinstance(node, DictConfig) or part not in node.keys():
             return False
         node = node._get_node(part)
     return True

@@ -71,7 +71,9 @@ def flip_probability(strength: float, generator: Optional[torch.Generator] = Non
     top = int(round(100 * float(strength)))
     if top <= 0:
         return 0.0
-    return int(torch.randint(0, top + 1, (1,), generator=generator, device=device or "cpu").item()) * 0.01
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, top + 1, (1,), generator=generator, device=device).item()) * 0.01
 
 
 @torch.no_grad()
@@ -112,7 +114,7 @@ def teacher_forcing_inputs(raw: torch.Tensor, vae_schedule: Sequence[Sequence[in
                     if mask.shape != bits.shape:
                         raise ValueError(f"flip mask of scale {k} has shape {tuple(mask.shape)}, labels {tuple(bits.shape)}")
                 else:
-                    p = flip_probability(strength, generator)
+                    p = flip_probability(strength, generator, bits.device)
                     mask = torch.rand(bits.shape, generator=generator, device=bits.device) < p
                 pred = bits ^ mask.to(bits.dtype)
                 masks.append(mask)

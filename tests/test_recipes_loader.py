@@ -205,3 +205,11 @@ def test_save_recipe_round_trip(recipes, tmp_path):
     assert "${" not in text  # interpolations resolved
     again = OmegaConf.load(out)
     assert again.extra.name == "tiny-run" and again.trainer.max_steps == 3 and "base" not in again
+
+
+def test_mandatory_values_can_be_overridden_without_plus(tmp_path):
+    from infinity_lightning.recipes import load_recipe
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  weights: ???\n  depth: 2\n")
+    cfg = load_recipe(str(path), ["model.weights=/x.pth"])
+    assert cfg.model.weights == "/x.pth"
