@@ -9,7 +9,7 @@ crops: enough to see a small tokenizer learn, not a benchmark.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,12 +49,10 @@ _EXTRA_CAPTIONS = {"china": "a Chinese temple among trees", "flower": "a close-u
 
 def _require_skimage():
     try:
-        import skimage.data  # noqa: F401
+        import skimage.data
     except ImportError as e:
         raise ImportError("PhotoCropsDataModule needs scikit-image for its bundled photos: "
                           "pip install scikit-image (it is part of the 'test' extra)") from e
-    import skimage.data
-
     return skimage.data
 
 

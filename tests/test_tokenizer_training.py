@@ -274,3 +274,19 @@ def test_recipe_callbacks_checkpoint_dir_and_sample_logger(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.tokenizer.state_dict().values()))
     with pytest.raises(KeyError, match="unknown callback"):
         _build_callbacks({"NoSuchCallback": {}})
+
+
+def test_photo_crops_datamodule():
+    dm = PhotoCropsDataModule(size=24, photos=PHOTOS, train_samples=6, val_samples=3, batch_size=3)
+    val = next(iter(dm.val_dataloader()))
+    again = next(iter(PhotoCropsDataModule(size=24, photos=PHOTOS, val_samples=3, batch_size=3).val_dataloader()))
+    assert val["images"].shape == (3, 3, 24, 24) and len(val["captions"]) == 3
+    assert torch.equal(val["images"], again["images"])  # validation crops are fixed by the seed
+    assert val["images"].min() >= -1 and val["images"].max() <= 1 and val["images"].std() > 0.05
+    torch.manual_seed(0)
+    first = next(iter(dm.train_dataloader()))["images"]
+    second = next(iter(dm.train_dataloader()))["images"]
+    assert first.shape == (3, 3, 24, 24) and not torch.equal(first, second)  # fresh random crops
+    assert set(PhotoCropsDataModule(size=16).photos) >= set(PHOTOS)
+    with pytest.raises(KeyError, match="not available"):
+        PhotoCropsDataModule(photos=["no_such_photo"])

@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from infinity_lightning import scales
