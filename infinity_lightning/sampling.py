@@ -15,9 +15,17 @@ Hooks make variants plug-ins: an object with ``on_logits(scale, logits)`` (logit
 2), return the edited tensor) and/or ``on_bits(scale, bits)`` (bits (B, l, d_tok) int64, return
 the edited tensor) is called at every scale; :class:`ForceBits` teacher-forces known bits (the
 first scales of a reference, or a masked region for inpainting).
+
+Fast options (keywords of :func:`generate`, all off by default; the defaults reproduce the
+original's numbers): ``fast`` (the transformer's fast attention backend and a preallocated KV
+cache), ``dtype=torch.bfloat16`` (blocks under bf16 autocast, as the released inference scripts
+run them; the head and the text path stay fp32), ``skip_uncond`` (drop the unconditional half
+once every remaining scale has cfg 1), ``decode_dtype`` / ``decode_channels_last`` (the
+tokenizer decoder in bf16 / channels-last), ``compile`` (``torch.compile`` of the blocks).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Union
 
@@ -132,7 +140,9 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
              cfg: FloatOrList = 3.0, tau: FloatOrList = 1.0, top_k: int = 900, top_p: float = 0.97,
              gumbel: bool = False, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              cfg_insertion_layer: int = 0, hooks: Sequence[Any] = (), num_scales: Optional[int] = None,
-             return_logits: bool = False) -> GenerationOutput:
+             return_logits: bool = False, fast: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
+             skip_uncond: bool = False, decode_dtype: Optional[torch.dtype] = None,
+             decode_channels_last: bool = False, compile: bool = False) -> GenerationOutput:
     """Generate bit labels (and images, given ``tokenizer``) for a batch of prompts.
 
     ``text``: packed text features of B prompts (``TextFeatures`` or the original 4-tuple);
@@ -142,6 +152,26 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
     ``generator``/``seed``: the random stream of the sampler (a generator on the model's device);
     ``num_scales``: stop after that many scales (no images then);
     ``hooks``: see the module docstring.
+
+    Fast options (off by default):
+
+    * ``fast``: run with the transformer's fast attention backend (``True``) or the exact one
+      (``False``) for this call; ``None`` keeps the model's setting.  On the fast path the KV
+      cache is preallocated for the whole schedule and written in place, and the per-scale loop
+      has no host synchronisation (fixed shapes per scale; CUDA-graph friendly).
+    * ``dtype=torch.bfloat16``: the blocks under bf16 autocast (weights cast once per call by
+      autocast's cache), text path and head in fp32.
+    * ``skip_uncond``: with guidance, drop the unconditional half (its text rows, SOS and KV
+      cache) from the first scale after which every scale has cfg 1.  The original keeps running
+      it through all blocks to fill a KV cache that no later scale reads; dropping it earlier
+      than that would be wrong (a later guided scale needs the unconditional keys of every
+      earlier scale), and recomputing them then costs what it saves.  The conditional half's
+      numbers do not depend on the other half up to the row count of the matrix products, so
+      the sampled bits are the same; with a constant cfg != 1 nothing is skipped.
+    * ``decode_dtype`` / ``decode_channels_last``: decode with a cached copy of the decoder in
+      that dtype / with channels-last activations (see :meth:`BSQVAE.decode`).
+    * ``compile``: ``torch.compile`` each block (compiles once per scale length; off by default
+      because it does not pay for one image on CPU, see benchmarks/README.md).
     """
     device = next(model.parameters()).device
     schedule = [(int(t), int(h), int(w)) for t, h, w in scale_schedule]
@@ -153,6 +183,26 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
         raise ValueError("cfg_insertion_layer must be 0 (guidance on logits) or negative (on hidden states)")
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
+    previous_backend = model.attention_backend
+    if fast is not None and bool(fast) != model.fast_path:
+        model.set_attention_backend("fast" if fast else "exact")
+    try:
+        return _generate(model, text, schedule, vae_schedule, cfgs, taus, tokenizer=tokenizer,
+                         negative_text=negative_text, top_k=top_k, top_p=top_p, gumbel=gumbel, generator=generator,
+                         cfg_insertion_layer=cfg_insertion_layer, hooks=hooks, num_scales=num_scales,
+                         return_logits=return_logits, dtype=dtype, skip_uncond=skip_uncond,
+                         decode_dtype=decode_dtype, decode_channels_last=decode_channels_last, compile=compile)
+    finally:
+        if model.attention_backend != previous_backend:
+            model.set_attention_backend(previous_backend)
+
+
+def _generate(model: InfinityTransformer, text: Any, schedule, vae_schedule, cfgs, taus, *, tokenizer, negative_text,
+              top_k, top_p, gumbel, generator, cfg_insertion_layer, hooks, num_scales, return_logits, dtype,
+              skip_uncond, decode_dtype, decode_channels_last, compile) -> GenerationOutput:
+    device = next(model.parameters()).device
+    K = len(schedule)
+    patchify = model.config.apply_spatial_patchify
     kv, cu = unpack_text(text)
     kv = kv.to(device)
     B = cu.numel() - 1
@@ -173,13 +223,24 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
     x = model.sos_tokens(cond)
     summed: Any = 0  # a scalar start: the sum inherits the codes' channels-last layout (numerics, point 7)
     out = GenerationOutput(bit_labels=[], token_bits=[], summed_codes=None)
-    model.kv_caching(True)
+    model.kv_caching(True, capacity=_scales.num_tokens(schedule) if model.fast_path else None)
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype not in (None, torch.float32)
+                else contextlib.nullcontext())
+    blocks = model.block_list()
+    compiled = _compile_blocks(blocks) if compile else None
     try:
         for k in range(steps):
             _, h, w = schedule[k]
             c, t = cfgs[k], taus[k]
+            if guided and skip_uncond and all(v == 1.0 for v in cfgs[k:]):
+                # no later scale reads the unconditional half (see the docstring)
+                guided = False
+                cond = cond.select(B)
+                model.select_kv_cache(B)
+                x = x[:B]
             mix_hidden = (hidden_layer, c, B) if (guided and hidden_layer is not None and c != 1.0) else None
-            hidden = model.forward_scale(x, cond, k, schedule, cfg_hidden=mix_hidden)
+            with autocast:
+                hidden = model.forward_scale(x, cond, k, schedule, cfg_hidden=mix_hidden)
             if guided and c != 1.0 and hidden_layer is None:
                 z = numerics.apply_temperature(model.head_logits(hidden, cond.cond_BD), t)
                 z = c * z[:B] + (1 - c) * z[B:]
@@ -219,10 +280,29 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
                 summed = summed + codes
     finally:
         model.kv_caching(False)
+        if compiled is not None:
+            _uncompile_blocks(blocks, compiled)
     out.summed_codes = summed.squeeze(2)
     if tokenizer is not None and steps == K:
-        out.images = tokenizer.decode(out.summed_codes)
+        if decode_dtype is None and not decode_channels_last:
+            out.images = tokenizer.decode(out.summed_codes)
+        else:
+            out.images = tokenizer.decode(out.summed_codes, dtype=decode_dtype, channels_last=decode_channels_last)
     return out
+
+
+def _compile_blocks(blocks: Sequence[torch.nn.Module]) -> List[Any]:
+    """Replace each block's forward by a compiled one for this call; returns the originals."""
+    originals = []
+    for block in blocks:
+        originals.append(block.forward)
+        block.forward = torch.compile(block.forward, dynamic=False)
+    return originals
+
+
+def _uncompile_blocks(blocks: Sequence[torch.nn.Module], originals: Sequence[Any]) -> None:
+    for block, forward in zip(blocks, originals):
+        block.forward = forward
 
 
 def images_to_uint8(images: torch.Tensor, bgr: bool = False) -> torch.Tensor:

@@ -9,6 +9,13 @@ Attribute names reproduce the released state-dict keys (``block_chunks.{c}.modul
 so released weights load with ``load_state_dict(strict=True)``.  Everything whose rounding
 matters for parity with the original is in :mod:`.numerics`.
 
+Two attention backends (:meth:`InfinityTransformer.set_attention_backend`, not part of the state
+dict): ``"exact"`` (the default) reproduces the original's rounding; ``"fast"`` (and ``"flex"``)
+compute the same mathematics without padding, without the masked upper triangle of the
+block-causal attention, without the per-sample cross-attention loop and with fewer elementwise
+kernels around RoPE and the cosine normalisation, equal to the exact path within fp32/bf16
+rounding (:mod:`.fast_attention`).
+
 Shapes: B batch, L tokens (sum of h*w over the schedule), C width, H heads, hd = C / H,
 d_tok bits per token, Ct text-encoder width, N packed text rows.
 """
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..presets import TransformerConfig
-from . import numerics
+from . import fast_attention, numerics
 
 Schedule = Sequence[Sequence[int]]
 
@@ -65,9 +72,20 @@ class TextCondition:
     ada_gss: torch.Tensor          # (B, 1, 6, C) shared AdaLN output
     memory: torch.Tensor           # (N, C) cross-attention memory, packed
     cu_seqlens: torch.Tensor       # (B + 1,) int32, on CPU
+    #: fast path only: the memory as a padded batch (B, T, C) and its key mask (B, 1, 1, T)
+    padded_memory: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.cond_BD.shape[0]
+
+    def select(self, n: int) -> "TextCondition":
+        """The condition of the first ``n`` sequences (e.g. the conditional half under CFG)."""
+        cu = self.cu_seqlens[:n + 1]
+        return TextCondition(cond_BD=self.cond_BD[:n], ada_gss=self.ada_gss[:n], memory=self.memory[:int(cu[-1])],
+                             cu_seqlens=cu,
+                             padded_memory=None if self.padded_memory is None else self.padded_memory[:n],
+                             key_mask=None if self.key_mask is None else self.key_mask[:n])
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +143,8 @@ class CrossAttention(nn.Module):
             self.mat_q = nn.Linear(embed_dim, embed_dim)
         self.mat_kv = nn.Linear(kv_dim, 2 * embed_dim, bias=False)
         self.proj = nn.Linear(embed_dim, embed_dim)
+        #: fast path: round q, k, v to bf16 as the released flash-attn call (see fast_attention)
+        self.round_bf16 = True
 
     def kv(self, memory: torch.Tensor) -> torch.Tensor:
         """(N, kv_dim) -> (N, 2, H, hd)."""
@@ -132,7 +152,12 @@ class CrossAttention(nn.Module):
         return F.linear(memory, self.mat_kv.weight, bias).view(-1, 2, self.num_heads, self.head_dim)
 
     def forward(self, x: Optional[torch.Tensor], memory: torch.Tensor, cu_seqlens: torch.Tensor,
-                batch_size: Optional[int] = None) -> torch.Tensor:
+                batch_size: Optional[int] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, Lq, C) (None for the pool); memory (N, kv_dim) packed with ``cu_seqlens``, or,
+        with ``key_mask`` (B, 1, 1, T), a padded batch (B, T, kv_dim) attended in one SDPA call
+        (fast path).  Returns (B, Lq, C), or (B, C) for the pool."""
+        if key_mask is not None:
+            return self._forward_padded(x, memory, key_mask)
         kv = self.kv(memory)
         if self.for_attn_pool:
             B = batch_size if batch_size is not None else cu_seqlens.numel() - 1
@@ -145,6 +170,17 @@ class CrossAttention(nn.Module):
         out = out.reshape(B, Lq, self.embed_dim) if not self.for_attn_pool else out.reshape(B, self.embed_dim)
         return self.proj(out)
 
+    def _forward_padded(self, x: Optional[torch.Tensor], memory: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = memory.shape
+        kv = self.kv(memory).view(B, T, 2, self.num_heads, self.head_dim)
+        if self.for_attn_pool:
+            q = self.mat_q.unsqueeze(0).expand(B, 1, -1, -1)                     # (B, 1, H, hd)
+        else:
+            q = self.mat_q(x).view(B, x.shape[1], self.num_heads, self.head_dim)
+        out = fast_attention.padded_cross_attention(q, kv[:, :, 0], kv[:, :, 1], key_mask, self.round_bf16)
+        out = out.reshape(B, self.embed_dim) if self.for_attn_pool else out.reshape(B, -1, self.embed_dim)
+        return self.proj(out)
+
 
 class TextAttentivePool(nn.Module):
     """One-query multi-head attention pool of the normed text into a (B, D) vector."""
@@ -153,8 +189,9 @@ class TextAttentivePool(nn.Module):
         super().__init__()
         self.ca = CrossAttention(embed_dim, text_channels, num_heads, for_attn_pool=True)
 
-    def forward(self, normed_text: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self.ca(None, normed_text, cu_seqlens)
+    def forward(self, normed_text: torch.Tensor, cu_seqlens: torch.Tensor,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.ca(None, normed_text, cu_seqlens, key_mask=key_mask)
 
 
 class SelfAttention(nn.Module):
@@ -171,10 +208,17 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.kv_cache: Optional[List[torch.Tensor]] = None  # [k, v] while caching is enabled
+        #: [k, v] while caching is enabled (or a preallocated fast_attention.KVBuffer)
+        self.kv_cache: Optional[Any] = None
+        #: fast path (set by InfinityTransformer.set_attention_backend)
+        self.fast_path = False
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C).  ``attn_mask``: None (KV-cached scale: everything cached is
+        visible), a bool (L, L) mask, or on the fast path a :class:`fast_attention.BlockCausalLayout`;
+        cos, sin (L, hd/2) RoPE tables of the tokens."""
+        if self.fast_path:
+            return self._forward_fast(x, attn_mask, cos, sin)
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -184,7 +228,9 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
         q = numerics.apply_rope(q, cos, sin)
         k = numerics.apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if isinstance(self.kv_cache, fast_attention.KVBuffer):
+            k, v = self.kv_cache.append(k, v)
+        elif self.kv_cache is not None:
             if self.kv_cache:
                 k = torch.cat((self.kv_cache[0], k), dim=2)
                 v = torch.cat((self.kv_cache[1], v), dim=2)
@@ -192,6 +238,29 @@ class SelfAttention(nn.Module):
         if q.dtype != v.dtype:  # under autocast q/k stay fp32 after RoPE
             q, k = q.to(v.dtype), k.to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+    def _forward_fast(self, x: torch.Tensor, attn: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul_log).exp().view(-1).float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            qk = fast_attention.cosine_qk(qkv[:, :, :2], scale_mul)
+            qk = fast_attention.apply_rope_fused(qk, cos, sin)                 # (B, L, 2, H, hd) fp32
+        v = qkv[:, :, 2].transpose(1, 2)                                        # (B, H, L, hd)
+        q, k = qk.to(v.dtype).transpose(1, 3).unbind(2)                         # (B, H, L, hd)
+        if isinstance(self.kv_cache, fast_attention.KVBuffer):
+            k, v = self.kv_cache.append(k, v)
+        elif self.kv_cache is not None:
+            if self.kv_cache:
+                k = torch.cat((self.kv_cache[0], k), dim=2)
+                v = torch.cat((self.kv_cache[1], v), dim=2)
+            self.kv_cache[:] = [k, v]
+        if isinstance(attn, fast_attention.BlockCausalLayout):
+            out = attn.attend(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -225,15 +294,25 @@ class CrossAttnBlock(nn.Module):
         self.ffn = FFN(C, cfg.ffn_hidden)
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.drop_path = DropPath(drop_path)
+        #: recompute the self-attention in backward (selective activation checkpointing)
+        self.checkpoint_self_attn = False
 
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (self.embed_dim,), None, None, self.eps)
 
+    def _self_attn(self, h: torch.Tensor, attn_mask: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_self_attn and self.training and torch.is_grad_enabled():
+            return checkpoint(self.sa, h, attn_mask, cos, sin, use_reentrant=False)
+        return self.sa(h, attn_mask, cos, sin)
+
     def forward(self, x: torch.Tensor, ada_gss: torch.Tensor, text: TextCondition,
-                attn_mask: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                attn_mask: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada_gss).unbind(2)
-        x = x + self.drop_path(self.sa(self._ln(x).mul(scale1.add(1)).add_(shift1), attn_mask, cos, sin).mul_(gamma1))
-        x = x + self.ca(self.ca_norm(x), text.memory, text.cu_seqlens)
+        x = x + self.drop_path(self._self_attn(self._ln(x).mul(scale1.add(1)).add_(shift1), attn_mask, cos, sin).mul_(gamma1))
+        if text.padded_memory is not None:  # fast path: one key-masked SDPA call over padded text
+            x = x + self.ca(self.ca_norm(x), text.padded_memory, text.cu_seqlens, key_mask=text.key_mask)
+        else:
+            x = x + self.ca(self.ca_norm(x), text.memory, text.cu_seqlens)
         x = x + self.drop_path(self.ffn(self._ln(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
         return x
 
@@ -299,6 +378,10 @@ class InfinityTransformer(nn.Module):
             self.blocks = nn.ModuleList(blocks)
         #: None, "full-block" (recompute each block in backward) or "self-attn"
         self.activation_checkpointing: Optional[str] = None
+        #: with "full-block": checkpoint every k-th block only (blocks 0, k, 2k, ...)
+        self.checkpoint_every = 1
+        #: "exact" (the original's rounding), "fast" or "flex"; see set_attention_backend
+        self.attention_backend = "exact"
 
     # ---- structure ---------------------------------------------------------------------------
     def block_list(self) -> List[CrossAttnBlock]:
@@ -307,10 +390,52 @@ class InfinityTransformer(nn.Module):
             return [b for chunk in self.block_chunks for b in chunk.module]
         return list(self.blocks)
 
-    def set_activation_checkpointing(self, mode: Optional[str]) -> None:
+    def set_activation_checkpointing(self, mode: Optional[str], every: int = 1) -> None:
+        """Activation checkpointing in training: None; ``"full-block"`` recomputes whole blocks in
+        backward (with ``every=k`` only every k-th block, trading memory for less recompute);
+        ``"self-attn"`` recomputes only each block's self-attention (the attention core, RoPE and
+        the q/k/v projection), keeping the FFN and cross-attention activations."""
         if mode not in (None, False, "none", "full-block", "self-attn"):
             raise ValueError(f"activation checkpointing mode {mode!r}; expected None, 'full-block' or 'self-attn'")
+        if int(every) < 1:
+            raise ValueError(f"checkpoint every {every!r} blocks; expected an integer >= 1")
         self.activation_checkpointing = None if mode in (None, False, "none") else mode
+        self.checkpoint_every = int(every)
+        for block in self.block_list():
+            block.checkpoint_self_attn = self.activation_checkpointing == "self-attn"
+
+    def set_attention_backend(self, backend: str = "exact", *, cross_attention_bf16: bool = True) -> None:
+        """Choose how attention and the elementwise work around it are computed.
+
+        ``"exact"`` (default): the original's rounding (padding to a multiple of 128, dense
+        masked SDPA, bf16 per-sample cross-attention); parity fixtures match to 1e-5.
+        ``"fast"``: no padding; block-causal self-attention per group of scales over key prefixes
+        (skips the masked upper triangle); cross-attention as one padded key-masked SDPA call;
+        RoPE and the cosine normalisation on the fused q/k tensor in fewer kernels (the same
+        roundings).  Equal to the exact path within fp32/bf16 rounding.  ``"flex"``: as "fast" but the block-causal attention is one compiled
+        FlexAttention call (CUDA; on CPU it compiles for a long time, see benchmarks/README.md).
+        ``cross_attention_bf16`` (fast/flex): keep the bf16 rounding of the cross-attention and
+        the text pool (default; the released models' numerics) or compute them in fp32.
+        The switch is not part of the state dict.
+        """
+        if backend not in ("exact", "fast", "flex"):
+            raise ValueError(f"attention backend {backend!r}; expected 'exact', 'fast' or 'flex'")
+        self.attention_backend = backend
+        fast = backend != "exact"
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fast_path = fast
+            elif isinstance(module, CrossAttention):
+                module.round_bf16 = bool(cross_attention_bf16)
+
+    def set_fast_path(self, enabled: bool = True, **kwargs: Any) -> None:
+        """Shorthand: ``set_attention_backend("fast" if enabled else "exact", **kwargs)``."""
+        self.set_attention_backend("fast" if enabled else "exact", **kwargs)
+
+    @property
+    def fast_path(self) -> bool:
+        """True when a fast attention backend is selected."""
+        return self.attention_backend != "exact"
 
     # ---- text ----------------------------------------------------------------------------------
     def encode_text(self, text: Any, drop_mask: Optional[torch.Tensor] = None) -> TextCondition:
@@ -327,10 +452,19 @@ class InfinityTransformer(nn.Module):
             # keeps cfg_uncond in the graph on steps without dropout (DDP needs every parameter used)
             kv = kv + self.cfg_uncond[0, 0] * 0
         normed = self.text_norm(kv)
-        cond_BD = self.text_proj_for_sos(normed, cu)
-        memory = self.text_proj_for_ca(normed)
+        padded_memory = key_mask = None
+        if self.fast_path:
+            plan = fast_attention.PaddedText.from_cu_seqlens(cu, normed.device)
+            key_mask = plan.key_mask
+            cond_BD = self.text_proj_for_sos(plan.pad(normed), cu, key_mask=key_mask)
+            memory = self.text_proj_for_ca(normed)
+            padded_memory = plan.pad(memory)
+        else:
+            cond_BD = self.text_proj_for_sos(normed, cu)
+            memory = self.text_proj_for_ca(normed)
         ada_gss = self.shared_ada_lin(cond_BD.float()).float().view(-1, 1, 6, self.embed_dim)
-        return TextCondition(cond_BD=cond_BD, ada_gss=ada_gss, memory=memory, cu_seqlens=cu)
+        return TextCondition(cond_BD=cond_BD, ada_gss=ada_gss, memory=memory, cu_seqlens=cu,
+                             padded_memory=padded_memory, key_mask=key_mask)
 
     def null_text(self, lens: Sequence[int]) -> torch.Tensor:
         """Packed null condition rows ``cfg_uncond[:len_i]`` for the given lengths."""
@@ -362,22 +496,29 @@ class InfinityTransformer(nn.Module):
             raise ValueError(f"text batch {len(cond)} != image batch {B}")
         sos = cond.cond_BD.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
         x = torch.cat((sos, self.word_embed(x_wo_prefix.float())), dim=1)
-        Lp = numerics.padded_length(L, self.config.pad_to_multiplier)
         device = x.device
         levels = numerics.scale_ids(scale_schedule, device)
-        x = torch.cat([x + self.lvl_embed(levels).unsqueeze(0), x.new_zeros(B, Lp - L, x.shape[-1])], dim=1)
-        mask = numerics.block_causal_mask(scale_schedule, Lp, device)
+        if self.fast_path:  # no padding; the layout skips the masked blocks
+            Lp = L
+            x = x + self.lvl_embed(levels).unsqueeze(0)
+            mask = fast_attention.block_causal_layout(
+                scale_schedule, backend="flex" if self.attention_backend == "flex" else "chunked")
+        else:
+            Lp = numerics.padded_length(L, self.config.pad_to_multiplier)
+            x = torch.cat([x + self.lvl_embed(levels).unsqueeze(0), x.new_zeros(B, Lp - L, x.shape[-1])], dim=1)
+            mask = numerics.block_causal_mask(scale_schedule, Lp, device)
         cos, sin = numerics.rope_cos_sin(scale_schedule, self.config.head_dim, Lp, self.config.rope_theta, device)
         inter: Dict[str, Any] = {"cond": cond, "block_input": x, "block_outputs": []} if return_intermediates else {}
-        for block in self.block_list():
-            x = self._run_block(block, x, cond, mask, cos, sin)
+        for i, block in enumerate(self.block_list()):
+            x = self._run_block(block, x, cond, mask, cos, sin, i)
             if return_intermediates:
                 inter["block_outputs"].append(x)
         logits = self.head_logits(x[:, :L], cond.cond_BD)
         return (logits, inter) if return_intermediates else logits
 
-    def _run_block(self, block: CrossAttnBlock, x, cond: TextCondition, mask, cos, sin):
-        if self.activation_checkpointing == "full-block" and self.training and torch.is_grad_enabled():
+    def _run_block(self, block: CrossAttnBlock, x, cond: TextCondition, mask, cos, sin, index: int = 0):
+        if (self.activation_checkpointing == "full-block" and index % self.checkpoint_every == 0
+                and self.training and torch.is_grad_enabled()):
             return checkpoint(block, x, cond.ada_gss, cond, mask, cos, sin, use_reentrant=False)
         return block(x, cond.ada_gss, cond, mask, cos, sin)
 
@@ -392,10 +533,27 @@ class InfinityTransformer(nn.Module):
         B = len(cond)
         return cond.cond_BD.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
 
-    def kv_caching(self, enabled: bool) -> None:
-        """Switch the self-attention KV cache on (emptied) or off (dropped)."""
+    def kv_caching(self, enabled: bool, capacity: Optional[int] = None) -> None:
+        """Switch the self-attention KV cache on (emptied) or off (dropped).
+
+        ``capacity`` (tokens of the whole schedule) preallocates the cache
+        (:class:`fast_attention.KVBuffer`, written in place) instead of growing it by
+        concatenation; on the exact path a KVBuffer holds the same values.
+        """
         for block in self.block_list():
-            block.sa.kv_cache = [] if enabled else None
+            if not enabled:
+                block.sa.kv_cache = None
+            else:
+                block.sa.kv_cache = fast_attention.KVBuffer(capacity) if capacity is not None else []
+
+    def select_kv_cache(self, n: int) -> None:
+        """Keep the first ``n`` sequences of every block's KV cache (drop the others)."""
+        for block in self.block_list():
+            cache = block.sa.kv_cache
+            if isinstance(cache, fast_attention.KVBuffer):
+                cache.select(n)
+            elif cache:
+                cache[:] = [cache[0][:n], cache[1][:n]]
 
     def forward_scale(self, x: torch.Tensor, cond: TextCondition, scale_index: int, scale_schedule: Schedule,
                       cfg_hidden: Optional[Tuple[int, float, int]] = None) -> torch.Tensor:
