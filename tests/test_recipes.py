@@ -120,3 +120,21 @@ def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):
         prepare("var/pretrain_layer12_256", [], output_dir=str(tmp_path), logger="none")
     with pytest.raises(Exception, match="drop_mismatched"):
         prepare("var/quickstart", ["model.drop_mismatched=[heads]"], output_dir=str(tmp_path), logger="none")
+
+
+def test_strategy_keys_map_to_our_strategies():
+    from infinity_lightning.lit.build import build_var_training, load_var_recipe
+
+    cfg = load_var_recipe("var/quickstart", ["trainer.max_steps=1", "+trainer.strategy=fsdp",
+                                             "model.text_encoder=null"])
+    with pytest.raises(ValueError, match="fsdp2"):
+        build_var_training(cfg)
+    cfg = load_var_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "module.optimizer=adamw8bit",
+                                             "model.text_encoder=null"])
+    with pytest.raises(ValueError, match="8-bit"):
+        build_var_training(cfg)
+    cfg = load_var_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "+module.parallelize.mixed_precision=fp32",
+                                             "model.text_encoder=null"])
+    module, _, tkw, _ = build_var_training(cfg)
+    assert type(tkw["strategy"]).__name__ == "FSDP2Strategy"
+    assert module.parallelize_fn is not None and module.parallelize_fn.keywords["mixed_precision"] == "fp32"

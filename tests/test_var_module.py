@@ -263,3 +263,27 @@ def test_overfits_a_handful_of_images():
     acc = float(trainer.callback_metrics["train/acc"])
     assert first < 0.7 and acc > 0.95, (first, acc)
     assert float(trainer.callback_metrics["train/acc_scale0"]) > 0.9
+
+
+def test_self_attention_checkpointing_gives_the_same_gradients():
+    """activation_checkpointing='self-attn' recomputes the self-attention and keeps the gradients."""
+    import math
+
+    from infinity_lightning.lit.var_module import BitwiseVARModule
+    from infinity_lightning.models.infinity import InfinityTransformer
+    from infinity_lightning.presets import transformer_config
+
+    grads = []
+    for mode in (None, "self-attn"):
+        torch.manual_seed(0)
+        model = InfinityTransformer(transformer_config("tiny", drop_path_rate=0.0))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape) / math.sqrt(p.shape[-1] if p.dim() > 1 else 1))
+        BitwiseVARModule(model, None, None, lr=1e-3, activation_checkpointing=mode)
+        model.train()
+        kv = torch.randn(5, 64)
+        text = (kv, [2, 3], torch.tensor([0, 2, 5], dtype=torch.int32), 3)
+        model(text, torch.randn(2, 4, 16), [(1, 1, 1), (1, 2, 2)]).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

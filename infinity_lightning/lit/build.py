@@ -93,6 +93,9 @@ MODULE_SCHEMA: Dict[str, Any] = {
     "log_per_scale": bool,
     "cache_text_features": bool,
     "save_frozen_modules": bool,
+    # FSDP2 options for infinity_lightning.parallel.parallelize (with trainer.strategy=fsdp2):
+    # mixed_precision (bf16 | fp32), cpu_offload, reshard_after_forward; checked by make_parallelize_fn
+    "parallelize": Optional[dict],
 }
 
 VAR_SCHEMA: Dict[str, Any] = {
@@ -396,8 +399,23 @@ def build_var_training(cfg: Any) -> Tuple[Any, Any, Dict[str, Any], List[Any]]:
     pl.seed_everything(seed, workers=True, verbose=False)
 
     model_cfg = dict(cfg.get("model") or {})
-    module_cfg = check_kwargs(BitwiseVARModule, cfg.get("module") or {}, "recipe section 'module'")
+    module_section = dict(cfg.get("module") or {})
+    parallel_cfg = module_section.pop("parallelize", None)
+    module_cfg = check_kwargs(BitwiseVARModule, module_section, "recipe section 'module'")
     tkw = checked_trainer_kwargs(cfg.get("trainer") or {})
+    strategy_name = tkw.get("strategy") if isinstance(tkw.get("strategy"), str) else None
+    if strategy_name in ("fsdp", "fsdp2", "model_parallel", "ddp"):
+        # "fsdp2" shards the transformer with infinity_lightning.parallel.parallelize in
+        # configure_model; "fsdp" (FSDP1) is refused with a pointer to fsdp2.
+        from ..parallel import check_optimizer_strategy, make_parallelize_fn, make_strategy
+
+        tkw["strategy"] = make_strategy(strategy_name)
+        check_optimizer_strategy(module_cfg.get("optimizer", "adamw"), strategy_name)
+        if strategy_name in ("fsdp2", "model_parallel"):
+            module_cfg["parallelize_fn"] = make_parallelize_fn(**(parallel_cfg or {}))
+    elif parallel_cfg:
+        raise ValueError("module.parallelize is set but trainer.strategy is not fsdp2; "
+                         "set trainer.strategy=fsdp2 or remove module.parallelize")
     datamodule = build_datamodule(cfg.get("data") or {"name": "shapes"})
 
     transformer = build_transformer(model_cfg, seed)
