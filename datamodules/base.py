@@ -739,7 +739,8 @@ class DataModuleMonitor(L.Callback):
     """Sets the DataModule's epoch from ``trainer.current_epoch`` and logs its skip summary.
 
     At each training epoch end it logs ``data/skipped`` and ``data/skip_fraction`` (and one
-    ``data/skipped_<reason>`` per reason) through the LightningModule and a summary line.
+    ``data/skipped_<reason>`` per reason) through the LightningModule and a summary line, then
+    applies the DataModule's skip thresholds (:class:`TooManySkipsError`).
     """
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -757,6 +758,12 @@ class DataModuleMonitor(L.Callback):
             metrics[f"data/skipped_{reason}"] = float(n)
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=False, sync_dist=False)
         log.info("data epoch %s: %s", summary.get("epoch"), summary)
+        # The loader checks the thresholds when a pass runs to its end; an epoch cut short (max_steps,
+        # limit_train_batches) never gets there, so the end-of-epoch check is made here as well.
+        counter = getattr(dm, "skips", None)
+        if isinstance(counter, SkipCounter):
+            counter.check(max_skip_fraction=getattr(dm, "max_skip_fraction", None),
+                          max_skips=getattr(dm, "max_skips", None), where=type(dm).__name__)
 
 
 def accepted_kwargs(cls: type) -> List[str]:

@@ -15,6 +15,9 @@
   ``load_state_dict`` interface: a checkpoint taken in the middle of an epoch records how many
   batches of that epoch were trained on, and the resumed run skips exactly those, so it sees the
   batches the uninterrupted run would have seen (Lightning alone restarts the epoch's data).
+* :func:`check_trainer_settings` refuses a recipe's accelerator, device count or precision when
+  this machine lacks them, naming the ``trainer.*`` key (Lightning would fail deep inside, or
+  quietly train fp16 recipes in bf16 on the CPU).
 * :class:`LossLog` appends ``global_step loss`` per optimizer step to a text file, flushed per
   line, so the losses of a killed run survive it.
 
@@ -54,6 +57,7 @@ __all__ = [
     "FAULT_PAUSE_SAVE_ENV",
     "LossLog",
     "ResumableLoader",
+    "check_trainer_settings",
     "find_resume_checkpoint",
     "make_data_resumable",
     "stale_temp_files",
@@ -370,3 +374,81 @@ def read_loss_log(path: PathLike) -> List[tuple]:
             except ValueError:
                 pass
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# trainer settings the machine must support
+# --------------------------------------------------------------------------------------------
+_INT_KEYS = ("max_steps", "min_steps", "max_epochs", "min_epochs", "log_every_n_steps", "accumulate_grad_batches",
+             "num_sanity_val_steps", "num_nodes", "check_val_every_n_epoch")
+_NUMBER_KEYS = ("gradient_clip_val",)
+_FP16 = ("16", "16-mixed", "16-true", 16, "transformer-engine-float16")
+
+
+def _accelerator_kind(value: Any) -> Optional[str]:
+    if value is None or not isinstance(value, str):
+        return None  # an Accelerator instance: the caller knows what it built
+    value = value.lower()
+    return "cuda" if value in ("gpu", "cuda") else value
+
+
+def check_trainer_settings(trainer_kwargs: Dict[str, Any], where: str = "recipe section 'trainer'") -> None:
+    """Refuse trainer settings this machine cannot honour, with one message naming the key.
+
+    Checks the types of the integer and number keys (``max_steps``, ``gradient_clip_val``, ...),
+    that ``accelerator`` (``gpu``/``cuda``, ``mps``, ``tpu``) exists here and has enough
+    ``devices``, and that ``precision`` is supported: fp16 needs a CUDA GPU (Lightning would
+    silently switch to bf16 on the CPU), ``bf16`` on a GPU needs bf16 support, and
+    ``transformer-engine`` needs the ``transformer_engine`` package.  Raises
+    :class:`~infinity_lightning.recipes.RecipeError`.
+    """
+    from .recipes import RecipeError
+
+    for key in _INT_KEYS:
+        value = trainer_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RecipeError(f"{where}: 'trainer.{key}' = {value!r} ({type(value).__name__}); expected an integer")
+    for key in _NUMBER_KEYS:
+        value = trainer_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RecipeError(f"{where}: 'trainer.{key}' = {value!r} ({type(value).__name__}); expected a number")
+
+    accelerator = _accelerator_kind(trainer_kwargs.get("accelerator", "auto"))
+    devices = trainer_kwargs.get("devices", "auto")
+    if accelerator == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{where}: 'trainer.accelerator' = {trainer_kwargs.get('accelerator')!r} but this machine "
+                              "has no usable CUDA GPU (torch.cuda.is_available() is False); use "
+                              "trainer.accelerator=cpu (or auto)")
+        count = torch.cuda.device_count()
+        if isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
+            raise RecipeError(f"{where}: 'trainer.devices' = {devices} but this machine has {count} CUDA GPU(s)")
+    elif accelerator == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RecipeError(f"{where}: 'trainer.accelerator' = 'mps' but this machine has no Apple GPU (MPS); "
+                              "use trainer.accelerator=cpu (or auto)")
+    elif accelerator == "tpu":
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is None:
+            raise RecipeError(f"{where}: 'trainer.accelerator' = 'tpu' needs torch_xla, which is not installed; "
+                              "use trainer.accelerator=cpu (or auto)")
+    on_gpu = accelerator == "cuda" or (accelerator in (None, "auto") and torch.cuda.is_available())
+
+    precision = trainer_kwargs.get("precision")
+    if precision is None:
+        return
+    text = str(precision)
+    if precision in _FP16 or text in _FP16:
+        if not on_gpu:
+            raise RecipeError(f"{where}: 'trainer.precision' = {precision!r} (fp16) needs a CUDA GPU, and this run is "
+                              "on the CPU; use trainer.precision=bf16-mixed or 32-true")
+    elif text.startswith("bf16") and on_gpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise RecipeError(f"{where}: 'trainer.precision' = {precision!r} but this GPU does not support bfloat16; use "
+                          "trainer.precision=16-mixed or 32-true")
+    if text.startswith("transformer-engine"):
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise RecipeError(f"{where}: 'trainer.precision' = {precision!r} needs the transformer_engine package, "
+                              "which is not installed")

@@ -131,8 +131,9 @@ def prepare(recipe: str, overrides: Sequence[str] = (), output_dir: Optional[str
         saved["ckpt_path"] = ckpt
     save_recipe(saved, out / "recipe.yaml")
 
-    from ..reliability import make_data_resumable, use_atomic_checkpoints
+    from ..reliability import check_trainer_settings, make_data_resumable, use_atomic_checkpoints
 
+    check_trainer_settings(trainer_kwargs, f"recipe {path}")
     trainer_kwargs = use_atomic_checkpoints(trainer_kwargs)
     trainer_kwargs.setdefault("default_root_dir", str(out))
     make_data_resumable(datamodule)
