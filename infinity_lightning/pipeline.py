@@ -211,7 +211,10 @@ def check_components(transformer: nn.Module, tokenizer: nn.Module, text_encoder:
     names = names or {}
     cfg: TransformerConfig = transformer.config
     tcfg = tokenizer.config
-    who = names.get("transformer") or ("infinity_" + _released_family(cfg) if _released_family(cfg) else "the transformer")
+    family = _released_family(cfg)
+    who = f"infinity_{family}" if family else "the transformer"
+    if names.get("transformer"):
+        who += f" ({names['transformer']})"
     tok_src = f" ({names['tokenizer']})" if names.get("tokenizer") else ""
     problem = None
     if tcfg.codebook_dim != cfg.codebook_dim:
@@ -535,6 +538,9 @@ class InfinityPipeline:
             te_path = text_encoder if text_encoder is not None else (_find_text_encoder(folder) if folder else None)
             if te_path is None and folder is not None and not Path(str(path_or_repo_id)).exists() and not _hub_offline():
                 te_path = _snapshot_text_encoder(text_encoder_repo_id, cache_dir)
+            if te_path is None and folder is None:
+                raise ValueError("pass text_encoder=FOLDER (a Hugging Face text encoder folder), or text_encoder=False "
+                                 "to generate from precomputed prompt_embeds only")
             if te_path is None:
                 raise FileNotFoundError(
                     f"no text encoder in {folder}: expected a Hugging Face folder named one of "

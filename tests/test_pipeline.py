@@ -48,7 +48,7 @@ def test_released_layout_matches_direct_generation(pipe, released_dir):
                    top_p=0.97, seed=3)
     np.testing.assert_array_equal(ours[0], images_to_uint8(ref.images)[0].numpy())
     # default resolution: the 0.06M table (256 px)
-    assert pipe(PROMPT, seed=3)[0].size == (256, 256)
+    assert pipe.settings()["resolution"] == "0.06M" and resolve_schedule(1.0, "0.06M")[-1] == (1, 16, 16)
 
 
 def test_seeds_decide_the_image(pipe):
