@@ -3,7 +3,7 @@ or file and what was expected.  Also: truncated and corrupt checkpoints are dete
 they are used, and a recipe run reports skipped data records in its logs.
 
 Everything here builds recipes without training (``prepare``) or uses tiny components, except
-the bad-data run (two steps of the quick-start recipe on a jsonl folder with broken records).
+the bad-data runs (three steps of the tiny recipe on a jsonl folder with broken records).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from infinity_lightning.recipes import RecipeError, load_recipe, to_dict
 from infinity_lightning.reliability import (AtomicCheckpointIO, check_trainer_settings, find_resume_checkpoint,
                                             verify_checkpoint)
 
-TINY = ["data.image_size=32", "module.image_size=32", "data.num_samples=8", "data.batch_size=4",
-        "callbacks.sample_logger=null", "callbacks.lr_monitor=false"]
+#: The pinned tiny recipe of the reliability tests (see the file).
+TINY = Path(__file__).resolve().parent / "reliability" / "tiny_var.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -35,17 +35,17 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _prepare(tmp_path: Path, *overrides: str, recipe: str = "var/quickstart"):
-    return prepare(recipe, [*TINY, *overrides], output_dir=str(tmp_path / "run"), logger="none")
+def _prepare(tmp_path: Path, *overrides: str):
+    return prepare(str(TINY), list(overrides), output_dir=str(tmp_path / "run"), logger="none")
 
 
 # -- recipe keys and types ------------------------------------------------------------------------
 def test_unknown_keys_name_the_key_the_file_and_the_choices(tmp_path):
     bad = tmp_path / "mine.yaml"
-    bad.write_text("base: var/quickstart\nmodule:\n  learning_rate: 0.1\n")
+    bad.write_text(f"base: {TINY}\nmodule:\n  learning_rate: 0.1\n")
     with pytest.raises(RecipeError, match=r"mine.yaml: unknown key 'module.learning_rate'.*Allowed keys in module"):
         prepare(str(bad), [], output_dir=str(tmp_path / "run"), logger="none")
-    with pytest.raises(RecipeError, match=r"key 'trainer.max_step' is not in .*quickstart.yaml.*Did you mean: "
+    with pytest.raises(RecipeError, match=r"key 'trainer.max_step' is not in .*tiny_var.yaml.*Did you mean: "
                                           r"trainer.max_steps"):
         _prepare(tmp_path, "trainer.max_step=3")
     with pytest.raises(RecipeError, match=r"recipe section 'trainer'.*'max_stpes' \(did you mean max_steps"):
@@ -134,7 +134,7 @@ def test_prompt_longer_than_the_text_encoder_takes(tmp_path):
 # -- devices and precisions this machine lacks ----------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without a GPU")
 def test_devices_and_precisions_the_machine_lacks(tmp_path):
-    with pytest.raises(RecipeError, match=r"quickstart.yaml: 'trainer.accelerator' = 'gpu' but this machine has no "
+    with pytest.raises(RecipeError, match=r"tiny_var.yaml: 'trainer.accelerator' = 'gpu' but this machine has no "
                                           r"usable CUDA GPU.*trainer.accelerator=cpu"):
         _prepare(tmp_path, "trainer.accelerator=gpu")
     with pytest.raises(RecipeError, match=r"'trainer.precision' = '16-mixed' \(fp16\) needs a CUDA GPU.*bf16-mixed"):
@@ -246,7 +246,7 @@ def _jsonl_with_bad_records(root: Path) -> Path:
 
 
 def _jsonl_recipe(tmp_path: Path, data_dir: Path, **data) -> Path:
-    cfg = to_dict(load_recipe("var/quickstart"))
+    cfg = to_dict(load_recipe(TINY))
     cfg["data"] = {"name": "jsonl", "data_dir": str(data_dir), "image_size": 32, "batch_size": 4,
                    "seed": 0, "drop_last": False, **data}
     cfg["callbacks"].update(sample_logger=None, lr_monitor=False, checkpoint=None)

@@ -1,10 +1,11 @@
 """Kill a training run with SIGKILL (between checkpoints, then while a checkpoint is being
 written), resume it, and compare it with a run that was never interrupted.
 
-The runs are ``tests/reliability/train.py`` subprocesses: the quick-start recipe at 32 px through
-``infinity-lightning fit``'s own setup, 6 batches per epoch, 10 steps, a checkpoint every 3 steps
-(steps 3 and 9 in the middle of an epoch, step 6 at its end).  Every step's loss goes to a file,
-flushed per line.  Text features are not memoised (``module.cache_text_features=false``): the
+The runs are ``tests/reliability/train.py`` subprocesses: the tiny recipe
+``tests/reliability/tiny_var.yaml`` through ``infinity-lightning fit``'s own setup, 6 batches per
+epoch, 10 steps, a checkpoint every 3 steps (steps 3 and 9 in the middle of an epoch, step 6 at
+its end).  Every step's loss goes to a file,
+flushed per line.  Text features are not memoised (``module.cache_text_features: false``): the
 memo holds each caption's features from the batch that first encoded it, and a resumed run
 encodes them in other batches (other padding), which changes them in the 7th digit.
 """
@@ -27,14 +28,13 @@ from infinity_lightning.reliability import (FAULT_PAUSE_SAVE_ENV, find_resume_ch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "reliability" / "train.py"
-RUN = ["trainer.max_steps=10", "callbacks.checkpoint.every_n_train_steps=3", "module.cache_text_features=false"]
 TIMEOUT = 240.0
 
 
 def _start(out: Path, loss_file: Path, extra: List[str] = (), env: Optional[Dict[str, str]] = None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     log = open(out.parent / f"{out.name}.{int(time.time() * 1000)}.log", "w")
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(loss_file), *RUN, *extra],
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(loss_file), *extra],
                             cwd=str(REPO), env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -1,4 +1,5 @@
-"""Train a tiny recipe through ``infinity-lightning fit``'s own setup, logging every step's loss.
+"""Train the tiny recipe ``tiny_var.yaml`` through ``infinity-lightning fit``'s own setup,
+logging every step's loss.
 
     python tests/reliability/train.py OUTPUT_DIR LOSS_FILE [key=value ...]
 
@@ -11,13 +12,12 @@ in a subprocess and kill it.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
-#: The tiny run: the quick-start recipe at 32 px (4x4 latents, 3 scales), 6 batches per epoch.
-TINY = ["data.image_size=32", "module.image_size=32", "data.num_samples=24", "data.batch_size=4",
-        "callbacks.sample_logger=null", "callbacks.lr_monitor=false", "module.warmup_steps=2",
-        "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+#: The recipe of these runs (6 batches per epoch, 10 steps, a checkpoint every 3 steps).
+RECIPE = Path(__file__).with_name("tiny_var.yaml")
 
 
 def main(argv) -> int:
@@ -27,7 +27,7 @@ def main(argv) -> int:
 
     torch.set_num_threads(1)  # same reduction order in every run
     out, loss_file, overrides = argv[0], argv[1], list(argv[2:])
-    run = prepare("var/quickstart", TINY + overrides, out, None, "none")
+    run = prepare(str(RECIPE), overrides, out, None, "none")
     run["trainer"].callbacks.append(LossLog(loss_file))
     run["trainer"].fit(run["module"], datamodule=run["datamodule"], ckpt_path=run["ckpt_path"])
     atomic_save_safetensors(run["module"].transformer.state_dict(), f"{out}/final.safetensors")
