@@ -283,3 +283,12 @@ def test_lightning_checkpoint_with_ema_weights(tmp_path):
     atomic_save({"state_dict": sd}, tmp_path / "no_ema.ckpt")
     with pytest.raises(CheckpointError, match="EMA"):
         load_transformer(tmp_path / "no_ema.ckpt", config="tiny", use_ema=True)
+
+
+def test_prompt_longer_than_text_maxlen_is_refused():
+    model = InfinityTransformer(transformer_config("tiny")).eval()      # text_maxlen 32
+    text = tiny_text(2, model.config.text_channels, lens=[5, 40])
+    with pytest.raises(ValueError, match="text_maxlen=32"):
+        generate(model, text, [(1, 1, 1), (1, 2, 2)], cfg=3.0, seed=0)
+    with pytest.raises(ValueError, match="40 text tokens"):
+        model(text, torch.zeros(2, 4, 16), [(1, 1, 1), (1, 2, 2)])

@@ -445,6 +445,7 @@ class InfinityTransformer(nn.Module):
         condition ``cfg_uncond[:len_i]`` (text dropout for classifier-free guidance training).
         """
         kv, cu = unpack_text(text)
+        self.check_text_lengths(cu)
         kv = kv.float()
         if drop_mask is not None and bool(drop_mask.any()):
             kv = self.replace_with_null(kv, cu, drop_mask)
@@ -466,8 +467,23 @@ class InfinityTransformer(nn.Module):
         return TextCondition(cond_BD=cond_BD, ada_gss=ada_gss, memory=memory, cu_seqlens=cu,
                              padded_memory=padded_memory, key_mask=key_mask)
 
+    def check_text_lengths(self, cu_seqlens_or_lens: Any) -> None:
+        """Prompts may not be longer than ``text_maxlen`` tokens: the learned null condition has
+        that many rows, and the released models never saw longer text.  Takes cu_seqlens (a
+        tensor) or a list of lengths."""
+        if isinstance(cu_seqlens_or_lens, torch.Tensor):
+            lens = (cu_seqlens_or_lens[1:] - cu_seqlens_or_lens[:-1]).tolist()
+        else:
+            lens = [int(n) for n in cu_seqlens_or_lens]
+        longest = max(lens, default=0)
+        if longest > self.config.text_maxlen:
+            raise ValueError(f"a prompt has {longest} text tokens but this transformer takes at most "
+                             f"text_maxlen={self.config.text_maxlen}; encode prompts with "
+                             f"TextEncoder(max_length={self.config.text_maxlen}) or shorten them")
+
     def null_text(self, lens: Sequence[int]) -> torch.Tensor:
         """Packed null condition rows ``cfg_uncond[:len_i]`` for the given lengths."""
+        self.check_text_lengths(lens)
         return torch.cat([self.cfg_uncond[:int(n)] for n in lens], dim=0)
 
     def replace_with_null(self, kv: torch.Tensor, cu: torch.Tensor, drop_mask: torch.Tensor) -> torch.Tensor:
