@@ -439,7 +439,8 @@ class InfinityPipeline:
             only precomputed :class:`TextFeatures` are passed).
         device: where generation runs (default: CUDA when available).
         dtype: ``float32`` or ``bfloat16``: the transformer and the decoder run under bf16 autocast
-            (on CPU too); weights stay fp32.
+            (on CPU too); with bf16 the transformer blocks' weights are cast to bf16 (the released
+            inference setting), the text path, embeddings, head and tokenizer stay fp32.
         default_resolution: pixel budget or size used when a call gives none (``"1M"`` for the
             released 2B/8B, ``"0.25M"`` for 8B-512, ``"0.06M"`` otherwise).
         defaults: sampling defaults ``cfg``, ``tau``, ``top_k``, ``top_p`` (the released settings of
@@ -460,6 +461,9 @@ class InfinityPipeline:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _as_dtype(dtype)
+        if self.dtype == torch.bfloat16:
+            # as the released inference: bf16 block weights (half the memory), fp32 elsewhere
+            self.transformer.cast_blocks(torch.bfloat16)
         family = _released_family(transformer.config)
         self.family = family
         self.default_resolution = default_resolution or ("1M" if family else "0.06M")

@@ -164,7 +164,9 @@ def load_transformer(path_or_preset: Union[PathLike, str], *, config: Union[None
     model_sd = model.state_dict()
     check_state_dict(model_sd, sd, source=source, what=f"Infinity transformer ({_describe(cfg)})",
                      ignore_missing=[k for k in model_sd if k.endswith("zero_k_bias")])
-    full = {k: (sd[k] if k in sd else torch.zeros(v.shape, dtype=v.dtype)) for k, v in model_sd.items()}
+    # weights load as fp32 whatever the file holds (bf16 exports included); ``dtype`` casts after
+    full = {k: (sd[k].float() if sd[k].is_floating_point() else sd[k]) if k in sd else torch.zeros(v.shape, dtype=v.dtype)
+            for k, v in model_sd.items()}
     model.load_state_dict(full, strict=True, assign=True)
     model.kv_caching(False)
     return model.to(device=device, dtype=dtype).eval()

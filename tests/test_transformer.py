@@ -292,3 +292,17 @@ def test_prompt_longer_than_text_maxlen_is_refused():
         generate(model, text, [(1, 1, 1), (1, 2, 2)], cfg=3.0, seed=0)
     with pytest.raises(ValueError, match="40 text tokens"):
         model(text, torch.zeros(2, 4, 16), [(1, 1, 1), (1, 2, 2)])
+
+
+def test_bf16_blocks_under_autocast_follow_fp32():
+    """The released inference casts the blocks to bf16 and runs under bf16 autocast."""
+    model = randomize(InfinityTransformer(transformer_config("tiny")), 7).eval()
+    text = tiny_text(2, model.config.text_channels)
+    schedule = [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
+    ref = generate(model, text, schedule, cfg=3.0, tau=1.0, top_k=1, top_p=0.0, seed=0, return_logits=True)
+    model.cast_blocks(torch.bfloat16)
+    assert model.block_list()[0].sa.mat_qkv.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, text, schedule, cfg=3.0, tau=1.0, top_k=1, top_p=0.0, seed=0, return_logits=True)
+    first = (out.logit_diff[0] - ref.logit_diff[0]).abs().max()
+    assert first < 0.1 * ref.logit_diff[0].abs().max() and torch.isfinite(out.summed_codes).all()

@@ -297,6 +297,14 @@ class CrossAttnBlock(nn.Module):
         #: recompute the self-attention in backward (selective activation checkpointing)
         self.checkpoint_self_attn = False
 
+    def _ca_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Blocks cast to bf16 (the released inference setting, for memory) keep a bf16 affine
+        # LayerNorm; CPU autocast does not upcast its parameters, so cast them to the input's dtype.
+        w, b = self.ca_norm.weight, self.ca_norm.bias
+        if w.dtype != x.dtype:
+            return F.layer_norm(x, (self.embed_dim,), w.to(x.dtype), b.to(x.dtype), self.ca_norm.eps)
+        return self.ca_norm(x)
+
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (self.embed_dim,), None, None, self.eps)
 
@@ -310,9 +318,9 @@ class CrossAttnBlock(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada_gss).unbind(2)
         x = x + self.drop_path(self._self_attn(self._ln(x).mul(scale1.add(1)).add_(shift1), attn_mask, cos, sin).mul_(gamma1))
         if text.padded_memory is not None:  # fast path: one key-masked SDPA call over padded text
-            x = x + self.ca(self.ca_norm(x), text.padded_memory, text.cu_seqlens, key_mask=text.key_mask)
+            x = x + self.ca(self._ca_norm(x), text.padded_memory, text.cu_seqlens, key_mask=text.key_mask)
         else:
-            x = x + self.ca(self.ca_norm(x), text.memory, text.cu_seqlens)
+            x = x + self.ca(self._ca_norm(x), text.memory, text.cu_seqlens)
         x = x + self.drop_path(self.ffn(self._ln(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
         return x
 
@@ -390,6 +398,14 @@ class InfinityTransformer(nn.Module):
             return [b for chunk in self.block_chunks for b in chunk.module]
         return list(self.blocks)
 
+    def cast_blocks(self, dtype: torch.dtype) -> "InfinityTransformer":
+        """Cast the transformer blocks' weights (not the text path, embeddings or head) to
+        ``dtype``, as the released inference code does with bf16 to halve the memory of the
+        blocks.  Run the model under ``torch.autocast(dtype=torch.bfloat16)`` afterwards."""
+        for block in self.block_list():
+            block.to(dtype)
+        return self
+
     def set_activation_checkpointing(self, mode: Optional[str], every: int = 1) -> None:
         """Activation checkpointing in training: None; ``"full-block"`` recomputes whole blocks in
         backward (with ``every=k`` only every k-th block, trading memory for less recompute);
@@ -413,7 +429,8 @@ class InfinityTransformer(nn.Module):
         (skips the masked upper triangle); cross-attention as one padded key-masked SDPA call;
         RoPE and the cosine normalisation on the fused q/k tensor in fewer kernels (the same
         roundings).  Equal to the exact path within fp32/bf16 rounding.  ``"flex"``: as "fast" but the block-causal attention is one compiled
-        FlexAttention call (CUDA; on CPU it compiles for a long time, see benchmarks/README.md).
+        FlexAttention call (for CUDA; on CPU torch 2.13 has no FlexAttention backward, and the
+        forward compiled for ~100 s and ran no faster than "fast", see benchmarks/README.md).
         ``cross_attention_bf16`` (fast/flex): keep the bf16 rounding of the cross-attention and
         the text pool (default; the released models' numerics) or compute them in fp32.
         The switch is not part of the state dict.
