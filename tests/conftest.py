@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tests run on small models in parallel processes (pytest -n 2): one thread per process avoids
+# oversubscribing the cores; subprocesses (distributed tests, notebooks) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
