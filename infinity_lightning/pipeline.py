@@ -126,8 +126,13 @@ def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float]) ->
     template's schedule whose image side sqrt(H*W) is closest to it (sizes below 256 px give
     shorter schedules than any pixel budget, useful for small models).
     """
+    ratio = float(aspect_ratio)
+    lo, hi = min(_scales.TEMPLATE_RATIOS), max(_scales.TEMPLATE_RATIOS)
+    if not (lo * 0.9 <= ratio <= hi * 1.1):
+        raise ValueError(f"aspect_ratio (h/w) {aspect_ratio!r} is outside the templates ({lo} ... {hi}); "
+                         f"the model knows these ratios: {_scales.TEMPLATE_RATIOS}")
     if isinstance(resolution, str) and resolution in _scales.PIXEL_BUDGETS:
-        return _scales.get_scale_schedule(float(aspect_ratio), resolution)
+        return _scales.get_scale_schedule(ratio, resolution)
     try:
         size = float(str(resolution).lower().removesuffix("px")) if isinstance(resolution, str) else float(resolution)
     except ValueError:
@@ -135,8 +140,18 @@ def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float]) ->
                          "or a pixel size such as 256 or '1024px'") from None
     if size <= 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")
-    grids = _scales.TEMPLATES[_scales.nearest_template(float(aspect_ratio))]
-    n = min(range(1, len(grids) + 1), key=lambda i: abs(16 * (grids[i - 1][0] * grids[i - 1][1]) ** 0.5 - size))
+    grids = _scales.TEMPLATES[_scales.nearest_template(ratio)]
+    sides = [16 * (h * w) ** 0.5 for h, w in grids]
+    if size > sides[-1] * 1.1:
+        raise ValueError(f"resolution {resolution!r} is larger than the largest schedule of the templates "
+                         f"(about {sides[-1]:.0f} px, the '1M' budget)")
+    n = min(range(1, len(grids) + 1), key=lambda i: abs(sides[i - 1] - size))
+    if abs(sides[n - 1] - size) > 0.05 * size:
+        import warnings
+
+        h, w = grids[n - 1]
+        warnings.warn(f"resolution {resolution!r} is not a schedule size; using the nearest, {16 * h}x{16 * w} px",
+                      stacklevel=3)
     return [(1, h, w) for h, w in grids[:n]]
 
 

@@ -217,3 +217,18 @@ def test_resolution_names():
     assert resolve_schedule(0.5, "0.06M") == get_scale_schedule(0.5, "0.06M")
     with pytest.raises(ValueError, match="expected one of"):
         resolve_schedule(1.0, "big")
+
+
+def test_resolution_and_aspect_ratio_outside_the_templates():
+    from infinity_lightning.pipeline import resolve_schedule
+
+    assert resolve_schedule(1.0, "0.06M")[-1] == (1, 16, 16)
+    assert resolve_schedule(2.0, 256)[-1][1] > resolve_schedule(2.0, 256)[-1][2]
+    with pytest.raises(ValueError, match="outside the templates"):
+        resolve_schedule(10.0, "1M")
+    with pytest.raises(ValueError, match="outside the templates"):
+        resolve_schedule(0.1, 256)
+    with pytest.raises(ValueError, match="larger than the largest schedule"):
+        resolve_schedule(1.0, 4096)
+    with pytest.warns(UserWarning, match="not a schedule size"):
+        assert resolve_schedule(1.0, 700)[-1] == (1, 40, 40)
