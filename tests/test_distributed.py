@@ -287,3 +287,19 @@ def test_consolidate_rejects_non_sharded_paths(tmp_path):
         consolidate_checkpoint(f, tmp_path / "out.ckpt")
     with pytest.raises(CheckpointError, match="meta.pt"):
         consolidate_checkpoint(tmp_path, tmp_path / "out.ckpt")
+
+
+def test_convert_command_consolidates_a_sharded_checkpoint(runs, tmp_path):
+    """``infinity-lightning convert`` on the sharded folder gives the trained (and EMA) weights."""
+    from infinity_lightning.checkpoints import load_transformer
+    from infinity_lightning.cli import main
+
+    sharded = runs["out"] / "ckpt_fsdp" / "epoch=1.ckpt"
+    assert main(["convert", str(sharded), str(tmp_path / "t.safetensors"), "--to", "safetensors"]) == 0
+    assert main(["convert", str(sharded), str(tmp_path / "ema.pth"), "--to", "released", "--use-ema"]) == 0
+    weights = load_transformer(tmp_path / "t.safetensors").state_dict()
+    ema = load_transformer(tmp_path / "ema.pth").state_dict()
+    for k, w in runs["fsdp"]["weights"].items():
+        assert torch.equal(weights[k], w), k
+    for k, e in runs["fsdp"]["ema"].items():
+        assert torch.equal(ema[k], e), k

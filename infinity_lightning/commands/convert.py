@@ -45,7 +45,16 @@ def is_distributed_checkpoint(path: Path) -> bool:
 
 def consolidate(folder: Path, out_file: Path) -> Path:
     """Merge a distributed checkpoint folder into one ``torch.save`` file (read back with
-    ``weights_only=True`` like any user file)."""
+    ``weights_only=True`` like any user file).
+
+    Lightning's sharded checkpoints (with ``meta.pt``) go through
+    :func:`infinity_lightning.parallel.consolidate_checkpoint`, which also restores the EMA
+    averages to ``ema_state``; other ``torch.distributed.checkpoint`` folders are merged as they are.
+    """
+    from ..parallel import _METADATA_FILENAME, consolidate_checkpoint
+
+    if (folder / _METADATA_FILENAME).is_file():
+        return consolidate_checkpoint(folder, out_file, keep_optimizer=False)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(str(folder), str(out_file))
