@@ -27,13 +27,6 @@ from infinity_lightning.reliability import (AtomicCheckpointIO, check_trainer_se
 TINY = Path(__file__).resolve().parent / "reliability" / "tiny_var.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _prepare(tmp_path: Path, *overrides: str):
     return prepare(str(TINY), list(overrides), output_dir=str(tmp_path / "run"), logger="none")

@@ -16,13 +16,6 @@ TINY = ["data.image_size=32", "module.image_size=32", "data.num_samples=8", "dat
         "callbacks.checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _scalars(tb_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -18,13 +18,6 @@ from infinity_lightning.models.infinity import InfinityTransformer, init_weights
 from infinity_lightning.presets import transformer_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_module(**kwargs: Any) -> BitwiseVARModule:
     """The tiny transformer with a fixed init, trained on latents (4x4 grid, 3 scales)."""

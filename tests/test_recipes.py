@@ -16,13 +16,6 @@ from infinity_lightning.lit.var_module import BitwiseVARModule
 from infinity_lightning.recipes import RecipeError, list_recipes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _jsonl_folder(root: Path) -> Path:
     """The original on-disk layout (spec 8.1) with four 256 px images."""

@@ -16,13 +16,6 @@ from infinity_lightning.transformer_checkpoints import save_transformer
 from tests.test_var_module import make_module, quiet_trainer, tiny_transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class LossRecorder(pl.Callback):
     """Records (global_step, loss) after every optimizer step."""

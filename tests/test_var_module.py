@@ -22,14 +22,6 @@ from infinity_lightning.models.text_encoder import TextFeatures
 from infinity_lightning.presets import tokenizer_config, transformer_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin against each other (10x slower steps).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- shared tiny components (also used by the other VAR test files) ----------------------------
 class HashTextEncoder:
