@@ -428,8 +428,9 @@ class InfinityTransformer(nn.Module):
         ``"fast"``: no padding; block-causal self-attention per group of scales over key prefixes
         (skips the masked upper triangle); cross-attention as one padded key-masked SDPA call;
         RoPE and the cosine normalisation on the fused q/k tensor in fewer kernels (the same
-        roundings).  Equal to the exact path within fp32/bf16 rounding.  ``"flex"``: as "fast" but the block-causal attention is one compiled
-        FlexAttention call (for CUDA; on CPU torch 2.13 has no FlexAttention backward, and the
+        roundings).  Equal to the exact path within fp32/bf16 rounding.
+        ``"flex"``: as "fast" but the block-causal attention is one compiled FlexAttention call
+        (for CUDA; on CPU torch 2.13 has no FlexAttention backward, and the
         forward compiled for ~100 s and ran no faster than "fast", see benchmarks/README.md).
         ``cross_attention_bf16`` (fast/flex): keep the bf16 rounding of the cross-attention and
         the text pool (default; the released models' numerics) or compute them in fp32.
