@@ -141,7 +141,7 @@ def bench_train(args, device: torch.device) -> List[Dict[str, Any]]:
                 for m in args.modes:
                     print(f"== profile train {preset} {dname} {m} ==", file=sys.stderr)
                     print(C.profile_table(lambda: case.step(m, dtype), device), file=sys.stderr)
-        del case
+
     return results
 
 

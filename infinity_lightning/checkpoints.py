@@ -336,3 +336,9 @@ from infinity_lightning.transformer_checkpoints import (  # noqa: E402,F401
     save_transformer,
     transformer_state_dict,
 )
+
+__all__ = [
+    "load_tokenizer", "save_tokenizer", "infer_tokenizer_config",
+    "load_transformer", "save_transformer", "infer_transformer_config", "extract_transformer_state",
+    "transformer_state_dict",
+]

@@ -8,7 +8,6 @@ Tolerances (measured on these configurations, fp32; see benchmarks/README.md):
 * a randomised model with every path active (logits up to 10): 6e-4 logits, 1.5e-5 gradients
   (largest gradient 7).
 """
-import math
 
 import pytest
 import torch
