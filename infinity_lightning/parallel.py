@@ -160,29 +160,16 @@ def _check_options(activation_checkpointing: Optional[str], mixed_precision: Opt
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: Optional[str]) -> None:
-    """Activation checkpointing per block: ``"full-block"`` or ``"self-attn"`` (spec 4.5).
+    """Activation checkpointing per block: ``"full-block"`` or ``"self-attn"`` (spec 4.5), or off.
 
-    ``"full-block"`` switches on the model's own recomputation (``set_activation_checkpointing``),
-    which checkpoints each block call in training.  ``"self-attn"`` attaches the composable
-    ``checkpoint`` to every block's ``sa`` module: it recomputes the self-attention in backward
-    and, unlike a wrapper module, keeps the parameter names.
+    The model recomputes in backward itself (``InfinityTransformer.set_activation_checkpointing``:
+    non-reentrant ``torch.utils.checkpoint`` around each block, or around each block's
+    self-attention), so parameter names stay those of the released weights and the same code
+    runs under FSDP2, DDP and on one device.
     """
-    if mode in (None, False, "none"):
-        model.set_activation_checkpointing(None)
-        return
-    if mode == "full-block":
-        model.set_activation_checkpointing("full-block")
-        return
-    if mode == "self-attn":
-        from torch.distributed._composable import checkpoint
-
-        model.set_activation_checkpointing("self-attn")
-        for block in model.block_list():
-            if not getattr(block.sa, "_self_attn_checkpointed", False):  # applying twice is an error
-                checkpoint(block.sa)
-                block.sa._self_attn_checkpointed = True
-        return
-    raise ValueError(f"activation_checkpointing {mode!r}; expected one of {ACTIVATION_CHECKPOINTING}")
+    if mode not in (None, False, "none", "full-block", "self-attn"):
+        raise ValueError(f"activation_checkpointing {mode!r}; expected one of {ACTIVATION_CHECKPOINTING}")
+    model.set_activation_checkpointing(None if mode in (False, "none") else mode)
 
 
 def parallelize(model: nn.Module, device_mesh, *, activation_checkpointing: Optional[str] = None,
@@ -195,8 +182,7 @@ def parallelize(model: nn.Module, device_mesh, *, activation_checkpointing: Opti
         device_mesh: the mesh to shard over (see :func:`fsdp_mesh`; in a LightningModule,
             ``self.device_mesh``).
         activation_checkpointing: ``"full-block"``, ``"self-attn"``, ``"none"`` (off), or ``None``:
-            keep the mode already set on the model (``set_activation_checkpointing``), applying
-            ``"self-attn"``, which the model records but does not run itself.
+            keep the mode already set on the model (``set_activation_checkpointing``).
         mixed_precision: ``"bf16"``: blocks compute with bf16 weights, gradients reduced in fp32,
             fp32 master weights, the root (text path, head) in fp32; use it with
             ``precision="bf16-mixed"``.  ``"fp32"``: fp32 weights everywhere (with
@@ -224,9 +210,8 @@ def parallelize(model: nn.Module, device_mesh, *, activation_checkpointing: Opti
         extra["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
 
     # None keeps the model's own setting (BitwiseVARModule(activation_checkpointing=...) sets it).
-    mode = getattr(model, "activation_checkpointing", None) if activation_checkpointing is None \
-        else activation_checkpointing
-    apply_activation_checkpointing(model, mode)
+    if activation_checkpointing is not None:
+        apply_activation_checkpointing(model, activation_checkpointing)
 
     groups = [list(chunk.module) for chunk in model.block_chunks] if hasattr(model, "block_chunks") \
         else [[b] for b in model.blocks]

@@ -308,10 +308,7 @@ class BitwiseVARModule(pl.LightningModule):
         self._weights_cache: Dict[Tuple[Tuple[int, int, int], ...], torch.Tensor] = {}
         self._last_schedule: Dict[float, Schedule] = {}
         self._text_cache: Dict[str, torch.Tensor] = {}
-        # "self-attn" needs the per-block hooks of parallel.apply_activation_checkpointing
-        from ..parallel import apply_activation_checkpointing
-
-        apply_activation_checkpointing(transformer, activation_checkpointing)
+        transformer.set_activation_checkpointing(activation_checkpointing)
         defaults = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97, "h_div_w": 1.0}
         unknown = set(sample_kwargs or {}) - set(defaults) - {"gumbel", "cfg_insertion_layer"}
         if unknown:

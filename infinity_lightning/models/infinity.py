@@ -228,17 +228,22 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
         q = numerics.apply_rope(q, cos, sin)
         k = numerics.apply_rope(k, cos, sin)
-        if isinstance(self.kv_cache, fast_attention.KVBuffer):
-            k, v = self.kv_cache.append(k, v)
-        elif self.kv_cache is not None:
-            if self.kv_cache:
-                k = torch.cat((self.kv_cache[0], k), dim=2)
-                v = torch.cat((self.kv_cache[1], v), dim=2)
-            self.kv_cache[:] = [k, v]
+        k, v = self._cached(k, v)
         if q.dtype != v.dtype:  # under autocast q/k stay fp32 after RoPE
             q, k = q.to(v.dtype), k.to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+    def _cached(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Append this scale's keys/values to the KV cache (when on) and return everything cached."""
+        if isinstance(self.kv_cache, fast_attention.KVBuffer):
+            return self.kv_cache.append(k, v)
+        if self.kv_cache is not None:
+            if self.kv_cache:
+                k = torch.cat((self.kv_cache[0], k), dim=2)
+                v = torch.cat((self.kv_cache[1], v), dim=2)
+            self.kv_cache[:] = [k, v]
+        return k, v
 
     def _forward_fast(self, x: torch.Tensor, attn: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
@@ -250,13 +255,7 @@ class SelfAttention(nn.Module):
             qk = fast_attention.apply_rope_fused(qk, cos, sin)                 # (B, L, 2, H, hd) fp32
         v = qkv[:, :, 2].transpose(1, 2)                                        # (B, H, L, hd)
         q, k = qk.to(v.dtype).transpose(1, 3).unbind(2)                         # (B, H, L, hd)
-        if isinstance(self.kv_cache, fast_attention.KVBuffer):
-            k, v = self.kv_cache.append(k, v)
-        elif self.kv_cache is not None:
-            if self.kv_cache:
-                k = torch.cat((self.kv_cache[0], k), dim=2)
-                v = torch.cat((self.kv_cache[1], v), dim=2)
-            self.kv_cache[:] = [k, v]
+        k, v = self._cached(k, v)
         if isinstance(attn, fast_attention.BlockCausalLayout):
             out = attn.attend(q, k, v)
         else:
