@@ -124,10 +124,13 @@ def _polygon(shape: str, x0: float, y0: float, s: float) -> List[Tuple[float, fl
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, x0: float, y0: float, s: float, fill: Any) -> None:
+    # Boxes are inclusive of their last pixel; a side under one pixel (the checker fitting a
+    # speck in a generated image) is a one-pixel box, which Pillow accepts.
+    last = max(s - 1, 0.0)
     if shape == "circle":
-        draw.ellipse([x0, y0, x0 + s - 1, y0 + s - 1], fill=fill)
+        draw.ellipse([x0, y0, x0 + last, y0 + last], fill=fill)
     elif shape == "square":
-        draw.rectangle([x0, y0, x0 + s - 1, y0 + s - 1], fill=fill)
+        draw.rectangle([x0, y0, x0 + last, y0 + last], fill=fill)
     else:
         draw.polygon(_polygon(shape, x0, y0, s), fill=fill)
 
