@@ -89,7 +89,7 @@ def test_recipe_builds(name, tmp_path):
             assert "EMA" in names
         if cfg.callbacks.sample_logger is not None:
             assert "SampleLogger" in names
-        expected = {"var/pretrain_layer12_256": (12, 768, 4), "var/quickstart": (2, 64, 2),
+        expected = {"var/pretrain_layer12_256": (12, 768, 4), "var/quickstart": (4, 192, 1),
                     "var/emoji": (4, 192, 1), "var/finetune_2b": (2, 64, 2)}.get(name)
         if expected is not None:
             c = module.transformer.config
