@@ -518,8 +518,8 @@ def _run(out: Union[str, Path], *, budget_minutes: float, seed: int, num_eval_pr
         schedule = _token_schedule(image_size, int(tokenizer.config.patch_size))
         vae_schedule = [(1, h, w) for _, h, w in schedule]
         with torch.no_grad():
-            targets = torch.cat([b["images"] for b in _scene_batches(
-                gen, range(_PSNR_INDEX0, _PSNR_INDEX0 + ev["psnr_images"]), 64, image_size)])
+            scenes = list(_scene_batches(gen, range(_PSNR_INDEX0, _PSNR_INDEX0 + ev["psnr_images"]), 64, image_size))
+            targets = torch.cat([b["images"] for b in scenes])
             recons = []
             for chunk in targets.split(64):
                 codes, _ = tokenizer.quantize_multiscale(tokenizer.encode_raw(chunk.to(dev)), vae_schedule)
@@ -527,17 +527,24 @@ def _run(out: Union[str, Path], *, budget_minutes: float, seed: int, num_eval_pr
             recon = torch.cat(recons)
         tok_psnr = psnr(recon, targets)
         base_psnr = psnr(targets.mean(0, keepdim=True).expand_as(targets), targets)
+        # The checker on the tokenizer's own reconstructions bounds what generation can score.
+        from .datamodules.shapes import ShapesChecker
+
+        recon_scores = ShapesChecker(gen.colours, gen.shapes).score(list(recon), [c for b in scenes for c in b["captions"]])
         summary["tokenizer"] = {
             "parameters": sum(p.numel() for p in tokenizer.parameters()), "steps": int(trainer.global_step),
             "batch_size": int(tok_dm.batch_size), "psnr_db": round(tok_psnr, 2),
             "psnr_mean_image_baseline_db": round(base_psnr, 2), "psnr_images": int(targets.shape[0]),
+            "checker_accuracy_on_reconstructions": round(recon_scores["accuracy"], 4),
+            "checker_colour_accuracy_on_reconstructions": round(recon_scores["colour_accuracy"], 4),
             "schedule": [list(g[1:]) for g in vae_schedule], "norm_groups": tokenizer.config.norm_groups,
             "stopped_early": progress.stopped_at is not None,
         }
         _tb_scalars(out / "logs" / "tokenizer", {"eval/psnr_db": tok_psnr, "eval/psnr_baseline_db": base_psnr},
                     int(trainer.global_step))
     say(f"      tokenizer PSNR {tok_psnr:.2f} dB on {targets.shape[0]} new scenes (mean-image baseline "
-        f"{base_psnr:.2f} dB) -> {out / 'tokenizer.pth'}")
+        f"{base_psnr:.2f} dB); checker on its reconstructions {recon_scores['accuracy']:.1%} "
+        f"-> {out / 'tokenizer.pth'}")
     del trainer, tok_module, tok_dm
 
     # -- 3. latents and text features ------------------------------------------------------------
@@ -785,6 +792,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     tok, tr = summary.get("tokenizer", {}), summary.get("transformer", {})
     if tok:
         rows.append(("tokenizer PSNR", f"{tok['psnr_db']:.2f} dB (mean-image baseline {tok['psnr_mean_image_baseline_db']:.2f} dB)"))
+        if "checker_accuracy_on_reconstructions" in tok:
+            rows.append(("checker on reconstructions", f"{tok['checker_accuracy_on_reconstructions']:.1%} "
+                                                       "(the ceiling of the generation scores)"))
     if tr:
         rows.append(("transformer val bit accuracy", f"{tr['val_bit_accuracy']:.4f} (token {tr['val_token_accuracy']:.4f})"))
     sm = summary.get("sampling")

@@ -54,6 +54,7 @@ def test_quick_run_summary_numbers(quick_run):
     assert math.isfinite(tok["psnr_db"])
     # even 100 small steps reconstruct better than the best image that ignores the input
     assert tok["psnr_db"] > tok["psnr_mean_image_baseline_db"]
+    assert 0.0 <= tok["checker_accuracy_on_reconstructions"] <= tok["checker_colour_accuracy_on_reconstructions"] <= 1.0
     assert tok["schedule"] == [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]]
     assert tok["norm_groups"] == 1 and tok["steps"] == 100  # the quick overrides reach the tokenizer
     tr = summary["transformer"]
