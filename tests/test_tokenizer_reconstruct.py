@@ -14,7 +14,7 @@ from infinity_lightning.commands.reconstruct import prepare_image, proportional_
 from infinity_lightning.models.bsq_vae import BSQVAE
 from infinity_lightning.presets import TokenizerConfig
 
-skdata = pytest.importorskip("skimage.data")
+import skimage.data as skdata  # noqa: E402  (test extra)
 
 TINY = TokenizerConfig(codebook_dim=8, base_ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, patch_size=4, norm_groups=8)
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-pytest.importorskip("skimage", reason="the photo crops come from scikit-image (test extra)")
 
 import lightning.pytorch as pl  # noqa: E402
 
