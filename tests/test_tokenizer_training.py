@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-
 import lightning.pytorch as pl  # noqa: E402
 
 from infinity_lightning.checkpoints import load_tokenizer  # noqa: E402
