@@ -247,8 +247,8 @@ def _load_recipes(tokenizer_recipe: str, var_recipe: str, tokenizer_overrides: S
     return tok, var
 
 
-def _shapes_generator(data_cfg: Mapping[str, Any]):
-    """The :class:`ShapesGenerator` of a recipe's ``data`` section (via the DataModule)."""
+def _shapes_datamodule(data_cfg: Mapping[str, Any]):
+    """The :class:`ShapesDataModule` of a recipe's ``data`` section (its ``generator`` draws the scenes)."""
     from .datamodules.shapes import ShapesDataModule
     from .recipes import check_kwargs
 
@@ -442,7 +442,7 @@ def _run(out: Union[str, Path], *, budget_minutes: float, seed: int, num_eval_pr
         sample_kwargs["tau"] = float(tau)
         var_cfg["module"]["sample_kwargs"] = dict(sample_kwargs)
 
-    var_dm = _shapes_generator(var_cfg["data"])
+    var_dm = _shapes_datamodule(var_cfg["data"])
     gen = var_dm.generator
     image_size = int(var_cfg["data"].get("image_size") or 64)
     summary: Dict[str, Any] = {
@@ -564,7 +564,6 @@ def _run(out: Union[str, Path], *, budget_minutes: float, seed: int, num_eval_pr
 
     # -- 4. transformer --------------------------------------------------------------------------
     from .lit.build import build_var_training
-    from .lit.var_module import LatentsDataModule
 
     with clock.phase("transformer"):
         left = clock.start_wall + _BUDGET_SHARE * budget_s - reserve - time.perf_counter()
