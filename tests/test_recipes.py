@@ -131,3 +131,12 @@ def test_strategy_keys_map_to_our_strategies():
     module, _, tkw, _ = build_var_training(cfg)
     assert type(tkw["strategy"]).__name__ == "FSDP2Strategy"
     assert module.parallelize_fn is not None and module.parallelize_fn.keywords["mixed_precision"] == "fp32"
+
+
+def test_multi_node_keys_of_the_documented_launch_commands():
+    """The keys docs/distributed.md uses exist in the large recipes (no '+' needed)."""
+    from infinity_lightning.recipes import load_recipe
+
+    for name in ("var/finetune_2b", "var/pretrain_layer12_256"):
+        cfg = load_recipe(name, ["trainer.devices=8", "trainer.num_nodes=2", "trainer.strategy=fsdp2"])
+        assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (8, 2, "fsdp2")
