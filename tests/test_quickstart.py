@@ -124,3 +124,13 @@ def test_format_summary_reports_a_missed_target():
                "times": {"total": {"wall_s": 1.0, "cpu_s": 2.0}}}
     text = format_summary(summary)
     assert "50.0% of 128" in text and "NOT met" in text
+
+
+def test_template_schedule_mode_trains_on_the_generation_schedule():
+    from infinity_lightning.lit.tokenizer_module import BSQTokenizerModule
+    from infinity_lightning.models.bsq_vae import BSQVAE
+    from infinity_lightning.presets import tokenizer_config
+
+    module = BSQTokenizerModule(BSQVAE(tokenizer_config("tiny_f8", base_ch=16, norm_groups=1)), schedule_mode="template",
+                                perceptual_weight=0.0, adv_weight=0.0)
+    assert [s[1:] for s in module.training_schedule(8, 8)] == [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]

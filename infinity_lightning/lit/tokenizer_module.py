@@ -112,7 +112,9 @@ class BSQTokenizerModule(pl.LightningModule):
         lecam_weight, lecam_decay: LeCam regulariser on the discriminator (``decay=None``: zero anchors).
         commitment_weight, entropy_weight, entropy_gamma, entropy_inv_temperature: BSQ terms,
             averaged over the schedule's scales.
-        schedule_mode: ``"dense"``, ``"dynamic"`` or ``"single"`` (see ``scales.latent_schedule``).
+        schedule_mode: ``"dense"``, ``"dynamic"`` or ``"single"`` (see ``scales.latent_schedule``),
+            or ``"template"``: the aspect-ratio template's scale table up to the latent grid, the
+            schedule the transformer uses without a pixel budget (1-2-4-6-8 for an 8x8 grid).
         scale_drop_rate: during training each scale but the last is left out of the schedule
             with this probability (the remaining scales quantize the residual), so the decoder
             and later scales learn to cope with coarse scales missing.
@@ -172,8 +174,8 @@ class BSQTokenizerModule(pl.LightningModule):
         self.automatic_optimization = False
         if disc_loss not in ("hinge", "non_saturating"):
             raise ValueError(f"disc_loss must be 'hinge' or 'non_saturating', got {disc_loss!r}")
-        if schedule_mode not in ("dense", "dynamic", "single"):
-            raise ValueError(f"schedule_mode must be 'dense', 'dynamic' or 'single', got {schedule_mode!r}")
+        if schedule_mode not in ("dense", "dynamic", "single", "template"):
+            raise ValueError(f"schedule_mode must be 'dense', 'dynamic', 'single' or 'template', got {schedule_mode!r}")
         if lr_decay not in ("constant", "cosine"):
             raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
         if not 0.0 <= scale_drop_rate < 1.0:
@@ -219,7 +221,12 @@ class BSQTokenizerModule(pl.LightningModule):
     def training_schedule(self, latent_h: int, latent_w: int, train: bool = True) -> List[Tuple[int, int, int]]:
         """Scale schedule for a latent grid, with stochastic scale dropping when ``train``."""
         try:
-            schedule = scales.latent_schedule(latent_h, latent_w, self.hparams.schedule_mode)
+            if self.hparams.schedule_mode == "template":
+                from .var_module import schedule_to_grid
+
+                schedule = schedule_to_grid(latent_h / latent_w, latent_h, latent_w)
+            else:
+                schedule = scales.latent_schedule(latent_h, latent_w, self.hparams.schedule_mode)
         except ValueError as e:
             raise ValueError(f"schedule_mode={self.hparams.schedule_mode!r} cannot quantize a {latent_h}x{latent_w} "
                              f"latent grid: {e}") from e
