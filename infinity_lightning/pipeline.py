@@ -118,13 +118,16 @@ CUSTOM_DEFAULTS = dict(cfg=3.0, tau=1.0, top_k=900, top_p=0.97)
 
 
 # -- resolution -------------------------------------------------------------------------------
-def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float]) -> List[Tuple[int, int, int]]:
+def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float],
+                     stride: int = 16) -> List[Tuple[int, int, int]]:
     """Token-side scale schedule for an aspect ratio (h/w) and a resolution.
 
     ``resolution``: a pixel budget ``"0.06M"``, ``"0.25M"``, ``"0.60M"``, ``"1M"`` (the released
     tables), or a pixel size (``256``, ``"1024"``, ``"128px"``): the prefix of the nearest
     template's schedule whose image side sqrt(H*W) is closest to it (sizes below 256 px give
-    shorter schedules than any pixel budget, useful for small models).
+    shorter schedules than any pixel budget, useful for small models).  ``stride``: pixels per
+    token side of the tokenizer (16 for every released one; 8 for a stride-8 tokenizer without
+    patchify), used to turn pixel sizes into token grids.
     """
     ratio = float(aspect_ratio)
     lo, hi = min(_scales.TEMPLATE_RATIOS), max(_scales.TEMPLATE_RATIOS)
@@ -141,7 +144,7 @@ def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float]) ->
     if size <= 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")
     grids = _scales.TEMPLATES[_scales.nearest_template(ratio)]
-    sides = [16 * (h * w) ** 0.5 for h, w in grids]
+    sides = [stride * (h * w) ** 0.5 for h, w in grids]
     if size > sides[-1] * 1.1:
         raise ValueError(f"resolution {resolution!r} is larger than the largest schedule of the templates "
                          f"(about {sides[-1]:.0f} px, the '1M' budget)")
@@ -150,7 +153,8 @@ def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float]) ->
         import warnings
 
         h, w = grids[n - 1]
-        warnings.warn(f"resolution {resolution!r} is not a schedule size; using the nearest, {16 * h}x{16 * w} px",
+        warnings.warn(f"resolution {resolution!r} is not a schedule size; using the nearest, "
+                      f"{stride * h}x{stride * w} px",
                       stacklevel=3)
     return [(1, h, w) for h, w in grids[:n]]
 
@@ -476,6 +480,8 @@ class InfinityPipeline:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _as_dtype(dtype)
+        #: pixels per token side (pixel-size resolutions are turned into token grids with it)
+        self.token_stride = int(getattr(tokenizer.config, "image_stride", 16))
         if self.dtype == torch.bfloat16:
             # as the released inference: bf16 block weights (half the memory), fp32 elsewhere
             self.transformer.cast_blocks(torch.bfloat16)
@@ -769,11 +775,11 @@ class InfinityPipeline:
         if progress:
             from tqdm.auto import tqdm
 
-            total = sum(len(resolve_schedule(ratios[owner[b[0]]], st["resolution"])) for b in batches)
+            total = sum(len(resolve_schedule(ratios[owner[b[0]]], st["resolution"], self.token_stride)) for b in batches)
             bar = tqdm(total=total, desc="scales", unit="scale")
         try:
             for members in batches:
-                schedule = resolve_schedule(ratios[owner[members[0]]], st["resolution"])
+                schedule = resolve_schedule(ratios[owner[members[0]]], st["resolution"], self.token_stride)
                 out = self._sample(text.select([owner[i] for i in members]),
                                    neg.select([owner[i] for i in members]) if neg is not None else None,
                                    schedule, [seeds[i] for i in members], generator, st, cfg_insertion_layer,

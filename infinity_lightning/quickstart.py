@@ -602,9 +602,8 @@ def _run(out: Union[str, Path], *, budget_minutes: float, seed: int, num_eval_pr
 
         transformer = module.transformer.eval().requires_grad_(False)
         save_transformer(transformer, out / "transformer.pth", format="released")
-        # The pipeline counts 16 px per token in pixel sizes; 128 selects the 8x8 token grid of
-        # the stride-8 tokenizer, i.e. 64 px images.
-        resolution = 16 * latent_hw
+        # A pixel size: the pipeline turns it into the 8x8 token grid with the tokenizer's stride.
+        resolution = image_size
         (out / "pipeline.json").write_text(json.dumps({
             "format_version": 1, "default_resolution": resolution,
             "defaults": {k: sample_kwargs[k] for k in ("cfg", "tau", "top_k", "top_p")}}, indent=1))

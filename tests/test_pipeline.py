@@ -230,5 +230,7 @@ def test_resolution_and_aspect_ratio_outside_the_templates():
         resolve_schedule(0.1, 256)
     with pytest.raises(ValueError, match="larger than the largest schedule"):
         resolve_schedule(1.0, 4096)
+    assert resolve_schedule(1.0, 64, stride=8)[-1] == (1, 8, 8)      # a stride-8 tokenizer: 8x8 tokens
+    assert resolve_schedule(1.0, 64)[-1] == (1, 4, 4)
     with pytest.warns(UserWarning, match="not a schedule size"):
         assert resolve_schedule(1.0, 700)[-1] == (1, 40, 40)
