@@ -159,28 +159,30 @@ def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float],
     return [(1, h, w) for h, w in grids[:n]]
 
 
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16}
+
+
+def _parse_dtype(dtype: Union[str, torch.dtype], allowed: Tuple[torch.dtype, ...], what: str) -> torch.dtype:
+    """A dtype from a torch dtype or a name (fp32, bf16, fp16, ...), checked against ``allowed``."""
+    value = dtype if isinstance(dtype, torch.dtype) else _DTYPE_NAMES.get(str(dtype).lower())
+    if value not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{what} {dtype!r}: expected one of {names}")
+    return value
+
+
 def _as_dtype(dtype: Union[None, str, torch.dtype]) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
-    if str(dtype).lower() not in names:
-        raise ValueError(f"dtype {dtype!r}: expected 'fp32' or 'bf16'")
-    return names[str(dtype).lower()]
+    """The pipeline's compute dtype: float32 (default) or bfloat16."""
+    return torch.float32 if dtype is None else _parse_dtype(dtype, (torch.float32, torch.bfloat16), "dtype")
 
 
 def _optional_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if str(dtype).lower() not in names:
-        raise ValueError(f"text encoder dtype {dtype!r}: expected fp32, bf16 or fp16")
-    return names[str(dtype).lower()]
+    """The text encoder's weight dtype, or None for its default."""
+    if dtype is None:
+        return None
+    return _parse_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16), "text encoder dtype")
 
 
 def _released_family(cfg: TransformerConfig) -> Optional[str]:

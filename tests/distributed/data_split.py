@@ -109,12 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        # Tear the process group down before exit: gloo's threads still running while the
-        # interpreter shuts down abort the process ("terminate called without an active exception").
-        import torch.distributed as _dist
-
-        if _dist.is_available() and _dist.is_initialized():
-            _dist.destroy_process_group()
+    main()
