@@ -40,17 +40,16 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from .io import CheckpointError, atomic_write, safe_load
+from .io import CheckpointError, PathLike, atomic_write, safe_load
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "AtomicCheckpointIO",

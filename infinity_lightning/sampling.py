@@ -284,10 +284,7 @@ def _generate(model: InfinityTransformer, text: Any, schedule, vae_schedule, cfg
             _uncompile_blocks(blocks, compiled)
     out.summed_codes = summed.squeeze(2)
     if tokenizer is not None and steps == K:
-        if decode_dtype is None and not decode_channels_last:
-            out.images = tokenizer.decode(out.summed_codes)
-        else:
-            out.images = tokenizer.decode(out.summed_codes, dtype=decode_dtype, channels_last=decode_channels_last)
+        out.images = tokenizer.decode(out.summed_codes, dtype=decode_dtype, channels_last=decode_channels_last)
     return out
 
 

@@ -116,7 +116,8 @@ def infer_transformer_config(sd: Mapping[str, torch.Tensor], source: str = "stat
 
 
 def _config_beside(path: Path) -> Optional[Dict[str, Any]]:
-    for cand in ([path / "config.json"] if path.is_dir() else [path.with_suffix(".json"), path.parent / "infinity_config.json"]):
+    # save_transformer writes <name>.json beside a file; a sharded folder may hold a config.json
+    for cand in ([path / "config.json"] if path.is_dir() else [path.with_suffix(".json")]):
         if cand.exists():
             try:
                 data = json.loads(cand.read_text())

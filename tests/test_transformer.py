@@ -306,3 +306,14 @@ def test_bf16_blocks_under_autocast_follow_fp32():
         out = generate(model, text, schedule, cfg=3.0, tau=1.0, top_k=1, top_p=0.0, seed=0, return_logits=True)
     first = (out.logit_diff[0] - ref.logit_diff[0]).abs().max()
     assert first < 0.1 * ref.logit_diff[0].abs().max() and torch.isfinite(out.summed_codes).all()
+
+
+def test_config_file_beside_the_weights_fixes_what_shapes_cannot_tell(tmp_path):
+    """Fields the tensors do not show (dropout rates) come from the <name>.json save_transformer writes."""
+    model = InfinityTransformer(transformer_config("tiny", cond_drop_rate=0.0, drop_path_rate=0.05))
+    save_transformer(model, tmp_path / "m.pth")
+    loaded = load_transformer(tmp_path / "m.pth")
+    assert (loaded.config.cond_drop_rate, loaded.config.drop_path_rate) == (0.0, 0.05)
+    (tmp_path / "m.json").unlink()
+    inferred = load_transformer(tmp_path / "m.pth")
+    assert inferred.config.cond_drop_rate == transformer_config("tiny").cond_drop_rate == 0.1
