@@ -4,9 +4,7 @@ import torch
 from infinity_lightning.checkpoints import load_transformer
 from infinity_lightning.self_correction import teacher_forcing_inputs
 
-from .helpers import load, max_err, text_tuple
-
-TOL = 1e-5
+from .helpers import TOL, assert_parity, load, max_err, text_tuple
 
 
 def test_teacher_forcing_matches_original(parity_path, single_thread):
@@ -23,9 +21,9 @@ def test_teacher_forcing_matches_original(parity_path, single_thread):
     if n is not None:
         assert max_err(inter["block_input"][:, :n], case["x_BLC_block_input_prefix"]) <= TOL
         for i, out in enumerate(inter["block_outputs"]):
-            assert max_err(out[:, :n], case[f"block_out_{i}_prefix"]) <= TOL
+            assert_parity(out[:, :n], case[f"block_out_{i}_prefix"], f"block {i} output")
     assert logits.shape == case["logits"].shape
-    assert max_err(logits, case["logits"]) <= TOL
+    assert_parity(logits, case["logits"], "logits")
 
 
 def test_teacher_forcing_inputs_from_tokenizer_features(parity_path, single_thread):
