@@ -122,6 +122,19 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def linear_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, layer.weight, bias)`` for a bias-free Linear with a separately built bias.
+
+    The fused product-plus-bias is what the released code computes (its rounding is part of
+    parity).  A layer wrapped by an adapter library (LoRA: a module whose ``base_layer`` is the
+    Linear) is called as a module instead, so the adapter's update is applied; the bias is added
+    afterwards.
+    """
+    if type(layer) is nn.Linear:
+        return F.linear(x, layer.weight, bias)
+    return layer(x) + bias.to(x.dtype)
+
+
 class CrossAttention(nn.Module):
     """Attention from queries to packed variable-length text (spec 1.8), or an attentive pool.
 
@@ -149,7 +162,7 @@ class CrossAttention(nn.Module):
     def kv(self, memory: torch.Tensor) -> torch.Tensor:
         """(N, kv_dim) -> (N, 2, H, hd)."""
         bias = torch.cat((self.zero_k_bias, self.v_bias))
-        return F.linear(memory, self.mat_kv.weight, bias).view(-1, 2, self.num_heads, self.head_dim)
+        return linear_with_bias(self.mat_kv, memory, bias).view(-1, 2, self.num_heads, self.head_dim)
 
     def forward(self, x: Optional[torch.Tensor], memory: torch.Tensor, cu_seqlens: torch.Tensor,
                 batch_size: Optional[int] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -221,7 +234,7 @@ class SelfAttention(nn.Module):
             return self._forward_fast(x, attn_mask, cos, sin)
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear_with_bias(self.mat_qkv, x, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # (B, H, L, hd)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul_log).exp()
         q = F.normalize(q, dim=-1).mul(scale_mul)
@@ -248,7 +261,7 @@ class SelfAttention(nn.Module):
     def _forward_fast(self, x: torch.Tensor, attn: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear_with_bias(self.mat_qkv, x, bias).view(B, L, 3, self.num_heads, self.head_dim)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul_log).exp().view(-1).float()
         with torch.autocast(device_type=x.device.type, enabled=False):
             qk = fast_attention.cosine_qk(qkv[:, :, :2], scale_mul)
