@@ -18,6 +18,10 @@ COMMANDS = {
     "fit": ("infinity_lightning.commands.fit", "train from a recipe: infinity-lightning fit RECIPE [key=value ...]"),
     "generate": ("infinity_lightning.commands.generate", "generate images from prompts"),
     "reconstruct": ("infinity_lightning.commands.reconstruct", "encode and decode images with a tokenizer; PSNR/SSIM"),
+    "inpaint": ("infinity_lightning.commands.inpaint",
+                "regenerate the masked region of images (or outpaint them) by forcing the image's bits elsewhere"),
+    "variations": ("infinity_lightning.commands.variations",
+                   "variations of images that keep their first scales' bits"),
     "convert": ("infinity_lightning.commands.convert",
                 "convert between Lightning checkpoints, the released .pth layout and safetensors"),
 }
