@@ -67,10 +67,9 @@ def build_pipeline(args, device: torch.device, folder: Path):
 
 
 def measure(pipe, resolution: str, args, device: torch.device) -> dict:
-    from infinity_lightning.pipeline import resolve_schedule
-    from infinity_lightning.scales import num_tokens
+    from infinity_lightning.scales import resolve
 
-    schedule = resolve_schedule(1.0, resolution)
+    schedule = resolve(resolution, 1.0)
     prompts = ["a red apple on a wooden table"] * args.num_images
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -101,9 +100,8 @@ def measure(pipe, resolution: str, args, device: torch.device) -> dict:
 
     # the decoder alone, on random codes of the final latent size (its cost does not depend on values)
     from infinity_lightning.models.bsq_vae import bits_to_codes
-    from infinity_lightning.scales import tokenizer_schedule
 
-    _, vh, vw = tokenizer_schedule(schedule, pipe.transformer.config.apply_spatial_patchify)[-1]
+    _, vh, vw = schedule.with_patchify(pipe.transformer.config.apply_spatial_patchify).tokenizer_side[-1]
     d = pipe.tokenizer.codebook_dim
     codes = bits_to_codes(torch.randint(0, 2, (1, 1, vh, vw, d), device=device)).squeeze(2)
     with pipe._autocast():
@@ -114,7 +112,7 @@ def measure(pipe, resolution: str, args, device: torch.device) -> dict:
         decode_s = time.perf_counter() - t0
 
     n = args.num_images
-    L = num_tokens(schedule)
+    L = schedule.num_tokens
     return {
         "resolution": resolution, "pixels": list(out.shape[-2:]), "scales": len(schedule), "tokens_per_image": L,
         "images": n, "batch_size": args.batch_size, "cfg": 3.0,

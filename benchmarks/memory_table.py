@@ -102,8 +102,8 @@ def activation_bytes(cfg, padded_len: int, batch: int, text_tokens: int) -> Dict
 
 
 def memory_rows(pn: str = "0.25M", batch: int = 4, gpus: int = 8, text_tokens: int = 128) -> Dict[str, Any]:
-    schedule = scales.get_scale_schedule(1.0, pn)
-    L = scales.num_tokens(schedule)
+    schedule = scales.resolve(pn, 1.0)
+    L = schedule.num_tokens
     t5 = text_encoder_params()
     rows = []
     for name in PRESETS:

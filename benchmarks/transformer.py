@@ -72,7 +72,7 @@ def useful_forward_flops(model: InfinityTransformer, schedule, text_lens: Sequen
     block-causal pairs of the self-attention, each sample's own text in the cross-attention."""
     cfg = model.config
     Cd, Ff, H, hd, d, Ct = cfg.embed_dim, cfg.ffn_hidden, cfg.num_heads, cfg.head_dim, cfg.bits_per_token, cfg.text_channels
-    B, L, Nt = len(text_lens), scales.num_tokens(schedule), sum(text_lens)
+    B, L, Nt = len(text_lens), scales.as_schedule(schedule).num_tokens, sum(text_lens)
     tokens = B * L
     per_block = (2 * tokens * (6 * Cd * Cd + 2 * Cd * Ff)         # qkv, sa.proj, ca.q, ca.proj, fc1, fc2
                  + 2 * Nt * 2 * Cd * Cd                              # ca.mat_kv on the text rows
@@ -91,8 +91,8 @@ class TrainCase:
         self.device = device
         self.model = build_model(preset, device, args.checkpointing).train()
         cfg = self.model.config
-        self.schedule = scales.get_scale_schedule(1.0, args.pn)
-        L = scales.num_tokens(self.schedule)
+        self.schedule = scales.resolve(args.pn, 1.0)
+        L = self.schedule.num_tokens
         g = torch.Generator().manual_seed(1)
         self.text = make_text(args.batch, args.text_len, cfg.text_channels, device)
         self.x = (0.3 * torch.randn(args.batch, L - 1, cfg.bits_per_token, generator=g)).to(device)
@@ -179,7 +179,7 @@ def generate_without_cache(model: InfinityTransformer, text, schedule, cfg: floa
     d = model.config.bits_per_token
     inputs = kv.new_zeros(2 * B, 0, d)
     summed: Any = 0
-    offsets = scales.scale_offsets(schedule)
+    offsets = scales.as_schedule(schedule).offsets
     for k, (_, h, w) in enumerate(schedule):
         logits = model(text2, inputs, schedule[:k + 1])[:, offsets[k]:offsets[k + 1]]
         z = cfg * logits[:B] + (1 - cfg) * logits[B:]
@@ -206,7 +206,7 @@ def bench_generation(args, device: torch.device) -> List[Dict[str, Any]]:
     from infinity_lightning.checkpoints import load_tokenizer
 
     model = build_model(args.gen_preset, device).eval()
-    schedule = scales.get_scale_schedule(1.0, args.pn)
+    schedule = scales.resolve(args.pn, 1.0)
     text = make_text(args.gen_batch, args.text_len, model.config.text_channels, device, seed=3)
     vae = load_tokenizer(args.tokenizer).to(device) if args.decode else None
     options = [o for o in GEN_OPTIONS if o == "exact" or "fast" in args.modes]

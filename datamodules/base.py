@@ -7,7 +7,7 @@ Batches
     aspect-ratio template (the transformer's scale schedule is chosen per batch, spec 2.2):
     records are bucketed by their height/width onto :data:`infinity_lightning.scales.TEMPLATES`
     (or onto ``h_div_w_templates`` when given), and the pixel size of a bucket is
-    ``get_pixel_size(template, pn)``; an explicit square ``image_size`` (small models, the
+    ``scales.resolve(pn, template).pixel_size()``; an explicit square ``image_size`` (small models, the
     quick start trains at 64 px) overrides that and puts every record in the 1.0 bucket.
 
 Epochs, seeds, splitting
@@ -223,7 +223,7 @@ def target_size(template: float, pn: str, image_size: Optional[int]) -> Tuple[in
     """Pixel size ``(H, W)`` of a bucket: square ``image_size`` if given, else the table's size."""
     if image_size is not None:
         return int(image_size), int(image_size)
-    return scales.get_pixel_size(template, pn)
+    return scales.resolve(pn, template).pixel_size()
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +417,7 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
             templates = [1.0]
         else:
             templates = bucket_templates(h_div_w_templates)
-            scales._check_pn(pn)
+            scales.check_budget(pn)
         ratios = np.asarray(source.aspect_ratios(), dtype=np.float64)
         order = {t: i for i, t in enumerate(scales.TEMPLATE_RATIOS)}
         self.buckets: Dict[float, np.ndarray] = {}
@@ -622,7 +622,7 @@ class ImageTextDataModule(L.LightningDataModule):
                  rank: Optional[int] = None, world_size: Optional[int] = None, pin_memory: bool = False) -> None:
         super().__init__()
         if image_size is None:
-            scales._check_pn(pn)
+            scales.check_budget(pn)
         elif int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
         if h_div_w_templates is not None:

@@ -111,7 +111,7 @@ def crop_to_multiple(img: Image.Image, multiple: int) -> Image.Image:
 def template_size(height: int, width: int, pn: str = "0.25M") -> Tuple[int, int]:
     """Pixel size (H, W) of the aspect-ratio template nearest to ``height / width`` at the pixel
     budget ``pn`` (``"0.06M"`` = 256x256 for square images, ``"0.25M"``, ``"0.60M"``, ``"1M"``)."""
-    return scales.get_pixel_size(height / width, pn)
+    return scales.resolve(pn, height / width).pixel_size()
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

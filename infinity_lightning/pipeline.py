@@ -75,7 +75,10 @@ from .checkpoints import load_tokenizer, load_transformer, save_tokenizer, save_
 from .io import CheckpointError, atomic_write
 from .models.text_encoder import TextEncoder, TextFeatures
 from .presets import TRANSFORMER_PRESETS, TransformerConfig
-from .sampling import RELEASED_DEFAULTS, sample_bits, generate, images_to_uint8
+from .sampling import sample_bits, generate, images_to_uint8
+from .presets import RELEASED_VARIANTS as _VARIANTS
+
+RELEASED_DEFAULTS = {k: dict(_VARIANTS[k].sampling) for k in ('2b', '8b')}
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,43 +123,8 @@ CUSTOM_DEFAULTS = dict(cfg=3.0, tau=1.0, top_k=900, top_p=0.97)
 # -- resolution -------------------------------------------------------------------------------
 def resolve_schedule(aspect_ratio: float, resolution: Union[str, int, float],
                      stride: int = 16) -> List[Tuple[int, int, int]]:
-    """Token-side scale schedule for an aspect ratio (h/w) and a resolution.
-
-    ``resolution``: a pixel budget ``"0.06M"``, ``"0.25M"``, ``"0.60M"``, ``"1M"`` (the released
-    tables), or a pixel size (``256``, ``"1024"``, ``"128px"``): the prefix of the nearest
-    template's schedule whose image side sqrt(H*W) is closest to it (sizes below 256 px give
-    shorter schedules than any pixel budget, useful for small models).  ``stride``: pixels per
-    token side of the tokenizer (16 for every released one; 8 for a stride-8 tokenizer without
-    patchify), used to turn pixel sizes into token grids.
-    """
-    ratio = float(aspect_ratio)
-    lo, hi = min(_scales.TEMPLATE_RATIOS), max(_scales.TEMPLATE_RATIOS)
-    if not (lo * 0.9 <= ratio <= hi * 1.1):
-        raise ValueError(f"aspect_ratio (h/w) {aspect_ratio!r} is outside the templates ({lo} ... {hi}); "
-                         f"the model knows these ratios: {_scales.TEMPLATE_RATIOS}")
-    if isinstance(resolution, str) and resolution in _scales.PIXEL_BUDGETS:
-        return _scales.get_scale_schedule(ratio, resolution)
-    try:
-        size = float(str(resolution).lower().removesuffix("px")) if isinstance(resolution, str) else float(resolution)
-    except ValueError:
-        raise ValueError(f"resolution {resolution!r}: expected one of {sorted(_scales.PIXEL_BUDGETS)} "
-                         "or a pixel size such as 256 or '1024px'") from None
-    if size <= 0:
-        raise ValueError(f"resolution must be positive, got {resolution!r}")
-    grids = _scales.TEMPLATES[_scales.nearest_template(ratio)]
-    sides = [stride * (h * w) ** 0.5 for h, w in grids]
-    if size > sides[-1] * 1.1:
-        raise ValueError(f"resolution {resolution!r} is larger than the largest schedule of the templates "
-                         f"(about {sides[-1]:.0f} px, the '1M' budget)")
-    n = min(range(1, len(grids) + 1), key=lambda i: abs(sides[i - 1] - size))
-    if abs(sides[n - 1] - size) > 0.05 * size:
-        import warnings
-
-        h, w = grids[n - 1]
-        warnings.warn(f"resolution {resolution!r} is not a schedule size; using the nearest, "
-                      f"{stride * h}x{stride * w} px",
-                      stacklevel=3)
-    return [(1, h, w) for h, w in grids[:n]]
+    """Token-side scale schedule for an aspect ratio and a resolution (see :func:`scales.resolve`)."""
+    return _scales.resolve(resolution, aspect_ratio, token_stride=stride)
 
 
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "bf16": torch.bfloat16,
@@ -786,7 +754,7 @@ class InfinityPipeline:
                                    neg.select([owner[i] for i in members]) if neg is not None else None,
                                    schedule, [seeds[i] for i in members], generator, st, cfg_insertion_layer,
                                    gumbel, list(hooks) + ([_ScaleProgress(bar)] if bar is not None else []))
-                vae_schedule = _scales.tokenizer_schedule(schedule, self.transformer.config.apply_spatial_patchify)
+                vae_schedule = schedule.with_patchify(self.transformer.config.apply_spatial_patchify).tokenizer_side
                 with self._on_device(self.tokenizer), self._autocast():
                     images = self.tokenizer.decode(out.summed_codes.to(self.device))
                     steps = []

@@ -1,4 +1,7 @@
-"""Named architectures: frozen dataclasses in two registries.
+"""Named architectures: the registries of tokenizer and transformer configurations.
+
+The configuration classes live beside their models (:class:`~.models.bsq_vae.TokenizerConfig`,
+:class:`~.models.infinity.TransformerConfig`); this module names instances of them.
 
 ``TOKENIZER_PRESETS`` holds the released BSQ-VAE tokenizers (d16, d24, d32, d32_reg, d64 and the
 8B model's stride-8 d56 patchify tokenizer) plus tiny ones; ``TRANSFORMER_PRESETS`` the Infinity
@@ -13,34 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """BSQ-VAE architecture (spec 6.1-6.3)."""
-
-    codebook_dim: int = 32
-    base_ch: int = 128
-    ch_mult: Tuple[int, ...] = (1, 2, 4, 4, 4)
-    num_res_blocks: int = 2
-    patch_size: int = 16  # total stride; log2(patch_size) down/up-sampling levels
-    in_channels: int = 3
-    #: GroupNorm groups: 32 if channels % 32 == 0 else 24 (the released rule, "auto"), or a number
-    norm_groups: Any = "auto"
-    #: The 8B tokenizer feeds the transformer 2x2 pixel-unshuffled tokens (4 * codebook_dim bits)
-    spatial_patchify: bool = False
-
-    @property
-    def stride(self) -> int:
-        return self.patch_size
-
-    @property
-    def bits_per_token(self) -> int:
-        return self.codebook_dim * (4 if self.spatial_patchify else 1)
-
-    @property
-    def image_stride(self) -> int:
-        """Pixels per transformer token side (16 for every released tokenizer)."""
-        return self.patch_size * (2 if self.spatial_patchify else 1)
+from .models.bsq_vae import TokenizerConfig
+from .models.infinity import TransformerConfig
 
 
 _VAE16 = dict(base_ch=128, ch_mult=(1, 2, 4, 4, 4), num_res_blocks=2, patch_size=16)
@@ -61,61 +38,6 @@ TOKENIZER_ALIASES = {"d32reg": "d32_reg", "d56": "d56_f8_14_patchify", "d14": "d
                      "infinity_vae_d16": "d16", "infinity_vae_d24": "d24", "infinity_vae_d32": "d32",
                      "infinity_vae_d32_reg": "d32_reg", "infinity_vae_d32reg": "d32_reg",
                      "infinity_vae_d64": "d64", "infinity_vae_d56_f8_14_patchify": "d56_f8_14_patchify"}
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    """Infinity transformer architecture and the switches of spec 1.2."""
-
-    depth: int = 32
-    embed_dim: int = 2048
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.1
-    #: groups consecutive blocks; >1 gives ``block_chunks.{c}.module.{j}`` keys, 1 gives ``blocks.{i}``
-    block_chunks: int = 8
-    text_channels: int = 2048
-    text_maxlen: int = 512
-    #: bits per latent position of the paired tokenizer (d); tokens carry 4d bits with patchify
-    codebook_dim: int = 32
-    apply_spatial_patchify: bool = False
-    cond_drop_rate: float = 0.1
-    norm_eps: float = 1e-6
-    pad_to_multiplier: int = 128
-    #: clamp of the cosine-attention temperature (log 100)
-    max_scale_mul_log: float = 4.605170185988092
-    num_levels: int = 15  # rows of lvl_embed
-    rope_theta: float = 10000.0
-    #: tokenizer preset the released weights pair with (for pipeline validation)
-    tokenizer: Optional[str] = "d32_reg"
-
-    @property
-    def bits_per_token(self) -> int:
-        return self.codebook_dim * (4 if self.apply_spatial_patchify else 1)
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def ffn_hidden(self) -> int:
-        # Python's round is half-to-even, as in the original (layer32: 32.5 -> 32).
-        return round(self.embed_dim * self.mlp_ratio / 256) * 256
-
-    @property
-    def text_pool_heads(self) -> int:
-        head_dim = 64 if self.embed_dim > 4096 else 128
-        return max(1, self.text_channels // head_dim)
-
-    def __post_init__(self) -> None:
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.block_chunks < 1 or self.depth % self.block_chunks:
-            raise ValueError(f"depth {self.depth} is not divisible by block_chunks {self.block_chunks}")
-        if self.head_dim % 4:
-            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
-        if self.ffn_hidden <= 0:
-            raise ValueError(f"embed_dim {self.embed_dim} with mlp_ratio {self.mlp_ratio} gives an FFN width of 0")
 
 
 def _t(depth, c, h, chunks, drop=0.1, **kw) -> TransformerConfig:
@@ -140,6 +62,71 @@ TRANSFORMER_PRESETS: Dict[str, TransformerConfig] = {
 }
 TRANSFORMER_ALIASES = {"infinity_2b": "2b", "infinity_8b": "8b", "infinity_20b": "20b", "125m": "layer12",
                        "1b": "layer24"}
+
+
+#: Tokenizer preset -> the released file names that hold it (first = the Hugging Face name).
+TOKENIZER_FILES: Dict[str, Tuple[str, ...]] = {
+    "d16": ("infinity_vae_d16.pth",), "d24": ("infinity_vae_d24.pth",), "d32": ("infinity_vae_d32.pth",),
+    "d32_reg": ("infinity_vae_d32reg.pth", "infinity_vae_d32_reg.pth"), "d64": ("infinity_vae_d64.pth",),
+    "d56_f8_14_patchify": ("infinity_vae_d56_f8_14_patchify.pth",),
+}
+
+#: Sampling settings for models without released settings (small and custom models).
+CUSTOM_SAMPLING: Dict[str, Any] = {"cfg": 3.0, "tau": 1.0, "top_k": 900, "top_p": 0.97}
+
+
+@dataclass(frozen=True)
+class ReleasedVariant:
+    """A released transformer: where its weights are, what it pairs with and how it samples.
+
+    ``transformer``: the file (or sharded folder) name in the Hugging Face repository;
+    ``tokenizers``: acceptable tokenizer file names, preferred first; ``architecture``: the
+    transformer preset the file holds; ``resolution``: the pixel budget the authors used;
+    ``sampling``: the released sampling settings (cfg, tau, top_k, top_p).
+    """
+
+    transformer: str
+    tokenizers: Tuple[str, ...]
+    architecture: str
+    resolution: str
+    sampling: Mapping[str, Any]
+
+
+#: Released variants by name (``from_pretrained(..., variant=)``, ``generate --variant``).  Adding a
+#: released model means adding one entry here.
+RELEASED_VARIANTS: Dict[str, ReleasedVariant] = {
+    "2b": ReleasedVariant("infinity_2b_reg.pth", TOKENIZER_FILES["d32_reg"], "2b", "1M",
+                          {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97}),
+    "8b": ReleasedVariant("infinity_8b_weights", TOKENIZER_FILES["d56_f8_14_patchify"], "8b", "1M",
+                          {"cfg": 3.0, "tau": 1.0, "top_k": 900, "top_p": 0.97}),
+    "8b_512": ReleasedVariant("infinity_8b_512x512_weights", TOKENIZER_FILES["d56_f8_14_patchify"], "8b", "0.25M",
+                              {"cfg": 3.0, "tau": 1.0, "top_k": 900, "top_p": 0.97}),
+    "125m": ReleasedVariant("infinity_125M_256x256.pth",
+                            TOKENIZER_FILES["d32"] + TOKENIZER_FILES["d32_reg"], "layer12", "0.06M",
+                            dict(CUSTOM_SAMPLING)),
+}
+
+#: Fields that identify a released architecture (block chunking and dropout do not).
+_ARCHITECTURE_FIELDS = ("depth", "embed_dim", "num_heads", "text_channels", "codebook_dim", "apply_spatial_patchify")
+
+
+def released_architecture(cfg: TransformerConfig) -> Optional[str]:
+    """The transformer preset name ("2b", "8b", "layer12", ...) of a released variant whose
+    architecture ``cfg`` is, or None for any other model."""
+    for variant in RELEASED_VARIANTS.values():
+        preset = TRANSFORMER_PRESETS[variant.architecture]
+        if all(getattr(cfg, f) == getattr(preset, f) for f in _ARCHITECTURE_FIELDS):
+            return variant.architecture
+    return None
+
+
+def released_sampling(cfg: TransformerConfig) -> Dict[str, Any]:
+    """The released sampling settings of ``cfg``'s architecture (:data:`CUSTOM_SAMPLING` otherwise)."""
+    arch = released_architecture(cfg)
+    for variant in RELEASED_VARIANTS.values():
+        if variant.architecture == arch:
+            return dict(variant.sampling)
+    return dict(CUSTOM_SAMPLING)
 
 
 def _resolve(name: str, registry: Mapping[str, Any], aliases: Mapping[str, str], kind: str) -> Tuple[str, Any]:

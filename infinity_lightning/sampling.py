@@ -26,22 +26,126 @@ tokenizer decoder in bf16 / channels-last), ``compile`` (``torch.compile`` of th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import scales as _scales
+from . import scales
+from .dtypes import parse_dtype
 from .models import numerics
 from .models.bsq_vae import bilinear_resize, bits_to_codes
 from .models.infinity import InfinityTransformer, unpack_text
 
-FloatOrList = Union[float, Sequence[float]]
+__all__ = ["SamplingConfig", "GenerationOutput", "ForceBits", "generate", "sample_bits", "images_to_uint8"]
 
-#: Sampling settings of the released models (spec 5.1).
-RELEASED_DEFAULTS = {"2b": dict(cfg=3.0, tau=0.5, top_k=900, top_p=0.97),
-                     "8b": dict(cfg=3.0, tau=1.0, top_k=900, top_p=0.97)}
+#: A per-scale value: one number for every scale, or one per scale.
+PerScale = Union[float, Sequence[float]]
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def _option(default: Any, help: str, cli: Optional[type] = None, **kw: Any) -> Any:
+    """A :class:`SamplingConfig` field; ``cli`` (a type) also makes it a command-line flag."""
+    metadata = {"help": help, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _per_scale(value: Any, K: int, name: str) -> List[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * K
+    values = [float(v) for v in value]
+    if len(values) < K:
+        raise ValueError(f"{name} has {len(values)} entries for a {K}-scale schedule")
+    return values[:K]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Every option of the sampler, carried unchanged from the command line, recipes and the
+    pipeline to :func:`generate`.
+
+    Adding an option: a field here (with ``cli=`` to expose it as a flag of ``generate``) and its
+    use in :func:`generate`.  :meth:`replace` returns an updated copy; values are validated.
+    """
+
+    cfg: PerScale = _option(3.0, "classifier-free guidance scale (one value or one per scale; >= 0)", float)
+    tau: PerScale = _option(1.0, "sampling temperature (one value or one per scale; > 0)", float)
+    top_k: int = _option(900, "keep the k most likely values per bit (0: off)", int)
+    top_p: float = _option(0.97, "nucleus sampling mass in [0, 1] (0 or 1: off)", float)
+    gumbel: bool = _option(False, "sample by argmax with Gumbel noise (same distribution)")
+    cfg_insertion_layer: int = _option(0, "0: guidance on logits; n < 0: on the hidden states after layer depth+n", int)
+    fast: Optional[bool] = _option(None, "fast attention backend (None: the model's setting)")
+    dtype: Optional[torch.dtype] = _option(None, "blocks under this autocast dtype (None or fp32: exact)")
+    skip_uncond: bool = _option(False, "drop the unconditional half once every later scale has cfg 1")
+    decode_dtype: Optional[torch.dtype] = _option(None, "decoder dtype (fast path)")
+    decode_channels_last: bool = _option(False, "decoder in channels-last layout (fast path)")
+    compile: bool = _option(False, "torch.compile each block for this call")
+
+    def __post_init__(self) -> None:
+        for name in ("cfg", "tau"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) and not callable(value):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        for name in ("dtype", "decode_dtype"):
+            object.__setattr__(self, name, parse_dtype(getattr(self, name), what=name))
+        self._validate()
+
+    def _validate(self) -> None:
+        def values(v: Any) -> List[float]:
+            return [] if callable(v) else ([float(v)] if isinstance(v, (int, float)) else list(v))
+
+        if any(not c >= 0 for c in values(self.cfg)):
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {self.cfg!r}")
+        if any(not t > 0 for t in values(self.tau)):
+            raise ValueError(f"tau (temperature) must be > 0, got {self.tau!r}")
+        if int(self.top_k) < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 <= float(self.top_p) <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if int(self.cfg_insertion_layer) > 0:
+            raise ValueError("cfg_insertion_layer must be 0 (guidance on logits) or negative (on hidden states), "
+                             f"got {self.cfg_insertion_layer!r}")
+
+    def replace(self, **changes: Any) -> "SamplingConfig":
+        """A copy with ``changes`` applied (``None`` values are ignored); unknown names are an error."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {unknown}; known: {self.names()}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def names(cls) -> List[str]:
+        """The option names."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Optional[Dict[str, Any]], source: str = "sampling settings") -> "SamplingConfig":
+        """Build from a mapping (recipes, ``pipeline.json``); unknown keys name ``source``."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"{source}: unknown sampling option(s) {unknown}; known: {cls.names()}")
+        return cls(**values)
+
+    def to_dict(self, only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """JSON-friendly values (dtypes as names); ``only`` selects options."""
+        out: Dict[str, Any] = {}
+        for name in (only or self.names()):
+            value = getattr(self, name)
+            if callable(value):
+                raise ValueError(f"sampling option {name} is a function and cannot be stored")
+            out[name] = (str(value).removeprefix("torch.") if isinstance(value, torch.dtype)
+                         else list(value) if isinstance(value, tuple) else value)
+        return out
+
+    def per_scale(self, num_scales: int) -> Dict[str, List[float]]:
+        """``{"cfg": [...], "tau": [...]}`` with one value per scale."""
+        return {"cfg": _per_scale(self.cfg, num_scales, "cfg"), "tau": _per_scale(self.tau, num_scales, "tau")}
 
 
 @dataclass
@@ -93,23 +197,22 @@ class ForceBits:
         return torch.where(keep, given, bits)
 
 
-def _per_scale(value: FloatOrList, K: int, name: str) -> List[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * K
-    values = [float(v) for v in value]
-    if len(values) < K:
-        raise ValueError(f"{name} has {len(values)} entries for a {K}-scale schedule")
-    return values[:K]
-
-
-def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, generator: Optional[torch.Generator] = None,
+def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, generator: Generators = None,
                 gumbel: bool = False) -> torch.Tensor:
     """Sample one value per row of ``logits`` (N, V) (V = 2 for bits) -> (N,) int64.
 
     top-k keeps the k largest logits (ties kept); top-p removes the smallest values whose
     cumulative probability is <= 1 - top_p, never the largest.  ``gumbel`` samples by
     argmax(logits + Gumbel noise) instead of ``torch.multinomial`` (same distribution).
+    ``generator``: one generator, or one per image for logits (B, N, V) (each image's rows are
+    drawn from its own stream, exactly as if the image were sampled alone).
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        gens = list(generator)
+        if logits.dim() != 3 or logits.shape[0] != len(gens):
+            raise ValueError(f"{len(gens)} generators for logits of shape {tuple(logits.shape)}; "
+                             "per-image generators need logits (B, N, V) with one generator per image")
+        return torch.stack([sample_bits(z, top_k, top_p, g, gumbel) for z, g in zip(logits, gens)])
     logits = logits.float().clone()
     V = logits.shape[-1]
     if top_k > 0 and top_k < V:
@@ -126,7 +229,7 @@ def sample_bits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, genera
         u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
         return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(probs.shape[:-1])
 
 
 def _null_text(model: InfinityTransformer, cu: torch.Tensor) -> torch.Tensor:
@@ -135,78 +238,64 @@ def _null_text(model: InfinityTransformer, cu: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Sequence[int]], *,
-             tokenizer: Optional[torch.nn.Module] = None, negative_text: Any = None,
-             cfg: FloatOrList = 3.0, tau: FloatOrList = 1.0, top_k: int = 900, top_p: float = 0.97,
-             gumbel: bool = False, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-             cfg_insertion_layer: int = 0, hooks: Sequence[Any] = (), num_scales: Optional[int] = None,
-             return_logits: bool = False, fast: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
-             skip_uncond: bool = False, decode_dtype: Optional[torch.dtype] = None,
-             decode_channels_last: bool = False, compile: bool = False) -> GenerationOutput:
-    """Generate bit labels (and images, given ``tokenizer``) for a batch of prompts.
+def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Sequence[int]],
+             config: Optional[SamplingConfig] = None, *, tokenizer: Optional[torch.nn.Module] = None,
+             negative_text: Any = None, generator: Generators = None, seed: Union[None, int, Sequence[int]] = None,
+             hooks: Sequence[Any] = (), num_scales: Optional[int] = None, return_logits: bool = False,
+             **options: Any) -> GenerationOutput:
+    """Generate bit labels (and images, given ``tokenizer``) for a batch of B prompts.
 
-    ``text``: packed text features of B prompts (``TextFeatures`` or the original 4-tuple);
-    ``scale_schedule``: token-side schedule [(1, h, w), ...] (``scales.get_scale_schedule``);
-    ``cfg``/``tau``: a value or one per scale; ``cfg_insertion_layer``: 0 = guidance on logits
-    (all released models), n < 0 = mix hidden states after layer depth + n;
-    ``generator``/``seed``: the random stream of the sampler (a generator on the model's device);
-    ``num_scales``: stop after that many scales (no images then);
-    ``hooks``: see the module docstring.
+    Args:
+        model: the transformer (eval mode).
+        text: packed text features of the B prompts (``TextFeatures`` or the original 4-tuple).
+        scale_schedule: a :class:`~infinity_lightning.scales.ScaleSchedule` (or a list of
+            ``(1, h, w)`` grids).
+        config: the sampler's options (:class:`SamplingConfig`); keyword ``options`` (its field
+            names: ``cfg=``, ``tau=``, ``top_k=`` ...) override single fields.
+        tokenizer: decodes the generated codes into ``images`` when given.
+        negative_text: text features of negative prompts (default: the learned null condition).
+        generator / seed: the sampler's random stream: one generator (or seed) for the batch, or
+            one per image (a list of B), in which case image i draws exactly what it would draw
+            if it were sampled alone with that generator.  Generators live on the model's device.
+        hooks: objects with ``on_logits(scale, logits)`` and/or ``on_bits(scale, bits)`` (see the
+            module docstring).
+        num_scales: stop after that many scales (no images then).
+        return_logits: keep the per-scale logits and logit differences.
 
-    Fast options (off by default):
-
-    * ``fast``: run with the transformer's fast attention backend (``True``) or the exact one
-      (``False``) for this call; ``None`` keeps the model's setting.  On the fast path the KV
-      cache is preallocated for the whole schedule and written in place, and the per-scale loop
-      has no host synchronisation (fixed shapes per scale; CUDA-graph friendly).
-    * ``dtype=torch.bfloat16``: the blocks under bf16 autocast (weights cast once per call by
-      autocast's cache), text path and head in fp32.
-    * ``skip_uncond``: with guidance, drop the unconditional half (its text rows, SOS and KV
-      cache) from the first scale after which every scale has cfg 1.  The original keeps running
-      it through all blocks to fill a KV cache that no later scale reads; dropping it earlier
-      than that would be wrong (a later guided scale needs the unconditional keys of every
-      earlier scale), and recomputing them then costs what it saves.  The conditional half's
-      numbers do not depend on the other half up to the row count of the matrix products, so
-      the sampled bits are the same; with a constant cfg != 1 nothing is skipped.
-    * ``decode_dtype`` / ``decode_channels_last``: decode with a cached copy of the decoder in
-      that dtype / with channels-last activations (see :meth:`BSQVAE.decode`).
-    * ``compile``: ``torch.compile`` each block (compiles once per scale length; off by default
-      because it does not pay for one image on CPU, see benchmarks/README.md).
+    The fast options of :class:`SamplingConfig`: ``fast`` runs the transformer's fast attention
+    backend for this call (preallocated KV cache written in place; no host synchronisation in
+    the per-scale loop); ``dtype=bfloat16`` runs the blocks under bf16 autocast (text path and
+    head fp32); ``skip_uncond`` drops the unconditional half (text rows, SOS, KV cache) from the
+    first scale after which every scale has cfg 1 (the original keeps running it to fill a KV
+    cache no later scale reads; dropping it earlier would be wrong, since a later guided scale
+    needs the unconditional keys of every earlier scale; the sampled bits are unchanged);
+    ``decode_dtype`` / ``decode_channels_last`` decode with a bf16 / channels-last copy of the
+    decoder; ``compile`` compiles each block for this call.
     """
+    config = (config or SamplingConfig()).replace(**options)
     device = next(model.parameters()).device
-    schedule = [(int(t), int(h), int(w)) for t, h, w in scale_schedule]
-    K = len(schedule)
-    patchify = model.config.apply_spatial_patchify
-    vae_schedule = _scales.tokenizer_schedule(schedule, patchify)
-    cfgs, taus = _per_scale(cfg, K, "cfg"), _per_scale(tau, K, "tau")
-    if cfg_insertion_layer > 0:
-        raise ValueError("cfg_insertion_layer must be 0 (guidance on logits) or negative (on hidden states)")
+    schedule = scales.as_schedule(scale_schedule, model.config.apply_spatial_patchify)
     if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        generator = gens[0] if isinstance(seed, int) else gens
     previous_backend = model.attention_backend
-    if fast is not None and bool(fast) != model.fast_path:
-        model.set_attention_backend("fast" if fast else "exact")
+    if config.fast is not None and bool(config.fast) != model.fast_path:
+        model.set_attention_backend("fast" if config.fast else "exact")
     try:
-        return _generate(model, text, schedule, vae_schedule, cfgs, taus, tokenizer=tokenizer,
-                         negative_text=negative_text, top_k=top_k, top_p=top_p, gumbel=gumbel, generator=generator,
-                         cfg_insertion_layer=cfg_insertion_layer, hooks=hooks, num_scales=num_scales,
-                         return_logits=return_logits, dtype=dtype, skip_uncond=skip_uncond,
-                         decode_dtype=decode_dtype, decode_channels_last=decode_channels_last, compile=compile)
+        return _generate(model, text, schedule, config, tokenizer=tokenizer, negative_text=negative_text,
+                         generator=generator, hooks=hooks, num_scales=num_scales, return_logits=return_logits)
     finally:
         if model.attention_backend != previous_backend:
             model.set_attention_backend(previous_backend)
 
 
-def _generate(model: InfinityTransformer, text: Any, schedule, vae_schedule, cfgs, taus, *, tokenizer, negative_text,
-              top_k, top_p, gumbel, generator, cfg_insertion_layer, hooks, num_scales, return_logits, dtype,
-              skip_uncond, decode_dtype, decode_channels_last, compile) -> GenerationOutput:
+def _text_condition(model: InfinityTransformer, text: Any, negative_text: Any, guided: bool):
+    """The text condition of the B prompts, followed (with guidance) by their unconditional half."""
     device = next(model.parameters()).device
-    K = len(schedule)
-    patchify = model.config.apply_spatial_patchify
     kv, cu = unpack_text(text)
     kv = kv.to(device)
     B = cu.numel() - 1
-    guided = any(c != 1.0 for c in cfgs)
     if guided:
         if negative_text is not None:
             neg_kv, neg_cu = unpack_text(negative_text)
@@ -216,36 +305,54 @@ def _generate(model: InfinityTransformer, text: Any, schedule, vae_schedule, cfg
         else:
             neg_kv, neg_cu = _null_text(model, cu).to(kv.dtype), cu
         kv, cu = numerics.pack_two(kv, cu, neg_kv, neg_cu)
-    cond = model.encode_text((kv, None, cu, None))
-    hidden_layer = model.depth + cfg_insertion_layer if cfg_insertion_layer < 0 else None
-    steps = K if num_scales is None else min(int(num_scales), K)
+    return model.encode_text((kv, None, cu, None)), B
 
+
+def _bits_to_labels(bits: torch.Tensor, B: int, h: int, w: int, patchify: bool) -> torch.Tensor:
+    """Token-layout bits (B, h*w, d_tok) -> tokenizer-layout labels uint8 (B, 1, h', w', d)."""
+    grid = bits.view(B, h, w, -1)
+    if patchify:
+        # a permuted view (no copy) keeps the labels d-fastest (numerics, point 7)
+        vae_grid = F.pixel_shuffle(grid.permute(0, 3, 1, 2), 2)          # (B, d, 2h, 2w)
+        return vae_grid.permute(0, 2, 3, 1).unsqueeze(1).to(torch.uint8)  # (B, 1, 2h, 2w, d)
+    return grid.unsqueeze(1).to(torch.uint8)                               # (B, 1, h, w, d)
+
+
+def _generate(model: InfinityTransformer, text: Any, schedule: scales.ScaleSchedule, config: SamplingConfig, *,
+              tokenizer, negative_text, generator, hooks, num_scales, return_logits) -> GenerationOutput:
+    device = next(model.parameters()).device
+    K = len(schedule)
+    vae_schedule = schedule.tokenizer_side
+    per_scale = config.per_scale(K)
+    cfgs, taus = per_scale["cfg"], per_scale["tau"]
+    guided = any(c != 1.0 for c in cfgs)
+    cond, B = _text_condition(model, text, negative_text, guided)
+    hidden_layer = model.depth + config.cfg_insertion_layer if config.cfg_insertion_layer < 0 else None
+    steps = K if num_scales is None else min(int(num_scales), K)
     x = model.sos_tokens(cond)
     summed: Any = 0  # a scalar start: the sum inherits the codes' channels-last layout (numerics, point 7)
     out = GenerationOutput(bit_labels=[], token_bits=[], summed_codes=None)
-    model.kv_caching(True, capacity=_scales.num_tokens(schedule) if model.fast_path else None)
-    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype not in (None, torch.float32)
-                else contextlib.nullcontext())
+    model.kv_caching(True, capacity=schedule.num_tokens if model.fast_path else None)
+    autocast = (torch.autocast(device_type=device.type, dtype=config.dtype)
+                if config.dtype not in (None, torch.float32) else contextlib.nullcontext())
     blocks = model.block_list()
-    compiled = _compile_blocks(blocks) if compile else None
+    compiled = _compile_blocks(blocks) if config.compile else None
     try:
         for k in range(steps):
             _, h, w = schedule[k]
-            c, t = cfgs[k], taus[k]
-            if guided and skip_uncond and all(v == 1.0 for v in cfgs[k:]):
+            c = cfgs[k]
+            if guided and config.skip_uncond and all(v == 1.0 for v in cfgs[k:]):
                 # no later scale reads the unconditional half (see the docstring)
-                guided = False
-                cond = cond.select(B)
+                guided, cond, x = False, cond.select(B), x[:B]
                 model.select_kv_cache(B)
-                x = x[:B]
             mix_hidden = (hidden_layer, c, B) if (guided and hidden_layer is not None and c != 1.0) else None
             with autocast:
                 hidden = model.forward_scale(x, cond, k, schedule, cfg_hidden=mix_hidden)
             if guided and c != 1.0 and hidden_layer is None:
-                z = numerics.apply_temperature(model.head_logits(hidden, cond.cond_BD), t)
+                z = numerics.apply_temperature(model.head_logits(hidden, cond.cond_BD), taus[k])
                 z = c * z[:B] + (1 - c) * z[B:]
             else:
-                z = numerics.apply_temperature(model.head_logits(hidden[:B], cond.cond_BD[:B]), t)
+                z = numerics.apply_temperature(model.head_logits(hidden[:B], cond.cond_BD[:B]), taus[k])
             z = z.view(B, h * w, -1, 2)
             for hook in hooks:
                 if hasattr(hook, "on_logits"):
@@ -253,39 +360,40 @@ def _generate(model: InfinityTransformer, text: Any, schedule, vae_schedule, cfg
             if return_logits:
                 out.logits.append(z.reshape(B, -1, 2).clone())
                 out.logit_diff.append(z[..., 1] - z[..., 0])
-            bits = sample_bits(z.reshape(-1, 2), top_k, top_p, generator, gumbel).view(B, h * w, -1)
+            bits = sample_bits(z.reshape(B, -1, 2) if isinstance(generator, (list, tuple)) else z.reshape(-1, 2),
+                               int(config.top_k), float(config.top_p), generator, config.gumbel).view(B, h * w, -1)
             for hook in hooks:
                 if hasattr(hook, "on_bits"):
                     bits = hook.on_bits(k, bits)
             out.token_bits.append(bits.to(torch.uint8))
-            grid = bits.view(B, h, w, -1)
-            if patchify:
-                # a permuted view (no copy) keeps the labels d-fastest (numerics, point 7)
-                vae_grid = F.pixel_shuffle(grid.permute(0, 3, 1, 2), 2)          # (B, d, 2h, 2w)
-                labels = vae_grid.permute(0, 2, 3, 1).unsqueeze(1)               # (B, 1, 2h, 2w, d)
-            else:
-                labels = grid.unsqueeze(1)                                       # (B, 1, h, w, d)
-            out.bit_labels.append(labels.to(torch.uint8))
+            labels = _bits_to_labels(bits, B, h, w, schedule.patchify)
+            out.bit_labels.append(labels)
             codes = bits_to_codes(labels)                                        # (B, d, 1, vh, vw)
-            if k < K - 1:
-                summed = summed + bilinear_resize(codes, vae_schedule[-1])
-                if k + 1 < steps:
-                    nxt = bilinear_resize(summed, vae_schedule[k + 1]).squeeze(2)
-                    if patchify:
-                        nxt = F.pixel_unshuffle(nxt, 2)
-                    x = model.word_embed(nxt.reshape(B, nxt.shape[1], -1).transpose(1, 2))
-                    if guided:
-                        x = torch.cat((x, x), dim=0)
-            else:
+            if k == K - 1:
                 summed = summed + codes
+                continue
+            summed = summed + bilinear_resize(codes, vae_schedule[-1])
+            if k + 1 < steps:
+                x = _next_input(model, summed, vae_schedule[k + 1], B, schedule.patchify, guided)
     finally:
         model.kv_caching(False)
         if compiled is not None:
             _uncompile_blocks(blocks, compiled)
     out.summed_codes = summed.squeeze(2)
     if tokenizer is not None and steps == K:
-        out.images = tokenizer.decode(out.summed_codes, dtype=decode_dtype, channels_last=decode_channels_last)
+        out.images = tokenizer.decode(out.summed_codes, dtype=config.decode_dtype,
+                                      channels_last=config.decode_channels_last)
     return out
+
+
+def _next_input(model: InfinityTransformer, summed: torch.Tensor, grid: Sequence[int], B: int, patchify: bool,
+                guided: bool) -> torch.Tensor:
+    """The next scale's word embeddings: the code sum downsampled to the next grid."""
+    nxt = bilinear_resize(summed, grid).squeeze(2)
+    if patchify:
+        nxt = F.pixel_unshuffle(nxt, 2)
+    x = model.word_embed(nxt.reshape(B, nxt.shape[1], -1).transpose(1, 2))
+    return torch.cat((x, x), dim=0) if guided else x
 
 
 def _compile_blocks(blocks: Sequence[torch.nn.Module]) -> List[Any]:

@@ -85,7 +85,7 @@ def teacher_forcing_inputs(raw: torch.Tensor, vae_schedule: Sequence[Sequence[in
     """Bitwise Self-Correction: next-scale inputs and labels from raw tokenizer features.
 
     raw: (B, d, H, W) fp32 encoder features (``BSQVAE.encode_raw``); ``vae_schedule``: list of
-    (1, h_k, w_k) ending at (1, H, W) (``scales.tokenizer_schedule``); ``flip_layers``: scales
+    (1, h_k, w_k) ending at (1, H, W) (``ScaleSchedule.tokenizer_side``); ``flip_layers``: scales
     0..flip_layers-1 get flips with probability ~ U{0, .01, ..., strength}, drawn from
     ``generator`` (mask shape (B, 1, h_k, w_k, d), VAE layout); or ``flip_masks`` gives the masks
     explicitly (True = flip; scale k < len(flip_masks)).  ``requantize=False`` keeps the

@@ -98,15 +98,15 @@ def test_image_size_outside_the_template_tables(tmp_path):
 
 
 def test_unknown_pixel_budget_and_resolution(tmp_path):
-    from infinity_lightning.pipeline import resolve_schedule
+    from infinity_lightning.scales import resolve
 
     with pytest.raises(ValueError, match=r"unknown pixel budget '2M'; expected one of \['0.06M', '0.25M', "
                                          r"'0.60M', '1M'\]"):
         _prepare(tmp_path, "module.pn=2M")
     with pytest.raises(ValueError, match=r"resolution '3M': expected one of .* or a pixel size"):
-        resolve_schedule(1.0, "3M")
+        resolve("3M", 1.0)
     with pytest.raises(ValueError, match="resolution must be positive"):
-        resolve_schedule(1.0, -256)
+        resolve(-256, 1.0)
 
 
 # -- prompts longer than the text encoder takes ---------------------------------------------------

@@ -95,7 +95,7 @@ def test_jsonl_batches_have_one_template_and_the_pixel_size_of_it(tmp_path):
     for b in batches:
         t = b["h_div_w_template"]
         assert t in scales.TEMPLATE_RATIOS
-        H, W = scales.get_pixel_size(t, "0.06M")
+        H, W = scales.resolve("0.06M", t).pixel_size()
         assert b["images"].shape == (2, 3, H, W) and b["images"].dtype == torch.float32
         assert -1.0 <= float(b["images"].min()) and float(b["images"].max()) <= 1.0
         assert float(b["images"].max()) > 0.9  # random pixels span the range
@@ -405,7 +405,7 @@ def test_webdataset_shards_split_over_ranks_and_workers(tmp_path):
         dm = WebDatasetDataModule(shards=str(tmp_path / "shard-{000..003}.tar"), batch_size=2, pn="0.06M",
                                   num_workers=2, rank=rank, world_size=2, drop_last=False, seed=2)
         for b in dm.train_dataloader():
-            H, W = scales.get_pixel_size(b["h_div_w_template"], "0.06M")
+            H, W = scales.resolve("0.06M", b["h_div_w_template"]).pixel_size()
             assert b["images"].shape[1:] == (3, H, W)
             got += b["captions"]
     assert sorted(got) == sorted(expected)

@@ -42,9 +42,9 @@ def _run(model, mode, text, x, schedule, bf16_ca=True, backward=True):
 
 
 def test_block_causal_layout_covers_the_mask_exactly():
-    schedule = scales.get_scale_schedule(1.0, "0.06M")
+    schedule = scales.resolve("0.06M", 1.0)
     layout = fast_attention.block_causal_layout(schedule)
-    L = scales.num_tokens(schedule)
+    L = schedule.num_tokens
     dense = numerics.block_causal_mask(schedule, L)
     covered = torch.zeros(L, L, dtype=torch.bool)
     for (qs, qe), mask in zip(layout.groups, layout.masks):
@@ -80,7 +80,7 @@ def test_rope_and_normalisation_keep_the_exact_roundings():
 def test_fast_training_path_matches_exact_logits_and_gradients():
     model = _small().train()
     text = tiny_text(2, model.config.text_channels, lens=[5, 9])
-    x = torch.randn(2, scales.num_tokens(SCHEDULE) - 1, model.config.bits_per_token)
+    x = torch.randn(2, scales.as_schedule(SCHEDULE).num_tokens - 1, model.config.bits_per_token)
     exact, g_exact = _run(model, "exact", text, x, SCHEDULE)
     fast, g_fast = _run(model, "fast", text, x, SCHEDULE)
     fast32, g_fast32 = _run(model, "fast", text, x, SCHEDULE, bf16_ca=False)
@@ -107,7 +107,7 @@ def test_fast_path_on_parity_fixture(parity_path, single_thread):
 def test_fast_path_under_bf16_autocast_tracks_exact():
     model = _small().train()
     text = tiny_text(2, model.config.text_channels, lens=[5, 9])
-    x = torch.randn(2, scales.num_tokens(SCHEDULE) - 1, model.config.bits_per_token)
+    x = torch.randn(2, scales.as_schedule(SCHEDULE).num_tokens - 1, model.config.bits_per_token)
     out = {}
     for mode in ("exact", "fast"):
         model.set_attention_backend(mode)
@@ -124,7 +124,7 @@ def test_fast_path_under_bf16_autocast_tracks_exact():
 def test_selective_checkpointing_gives_the_same_gradients(mode, every, backend):
     model = _small(seed=4).train()
     text = tiny_text(2, model.config.text_channels, lens=[4, 6])
-    x = torch.randn(2, scales.num_tokens(SCHEDULE) - 1, model.config.bits_per_token)
+    x = torch.randn(2, scales.as_schedule(SCHEDULE).num_tokens - 1, model.config.bits_per_token)
     model.set_activation_checkpointing(None)
     _, ref = _run(model, backend, text, x, SCHEDULE)
     model.set_activation_checkpointing(mode, every=every)
@@ -175,7 +175,7 @@ def test_preallocated_kv_cache_is_exact_on_the_exact_path():
     text = tiny_text(1, model.config.text_channels, lens=[5])
     cond = model.encode_text(text)
     outs = []
-    for capacity in (None, scales.num_tokens(SCHEDULE)):
+    for capacity in (None, scales.as_schedule(SCHEDULE).num_tokens):
         model.kv_caching(True, capacity=capacity)
         x = model.sos_tokens(cond)
         hs = [model.forward_scale(x, cond, 0, SCHEDULE)]

@@ -107,7 +107,7 @@ def test_tensor_round_trip_and_value_range():
 
 
 def test_template_size_is_the_nearest_template():
-    assert images.template_size(300, 451, "0.06M") == scales.get_pixel_size(300 / 451, "0.06M")
+    assert images.template_size(300, 451, "0.06M") == scales.resolve("0.06M", 300 / 451).pixel_size()
     assert images.template_size(512, 512, "0.25M") == (512, 512)
     h, w = images.template_size(1000, 500, "1M")
     assert (h, w) == (1440, 720)

@@ -16,11 +16,10 @@ from infinity_lightning.checkpoints import load_tokenizer, load_transformer, sav
 from infinity_lightning.models.bsq_vae import BSQVAE
 from infinity_lightning.models.infinity import InfinityTransformer
 from infinity_lightning.models.text_encoder import make_tiny_t5
-from infinity_lightning.pipeline import (ComponentMismatchError, InfinityPipeline, check_components,
-                                         make_tiny_pipeline, resolve_schedule)
+from infinity_lightning.pipeline import ComponentMismatchError, InfinityPipeline, check_components, make_tiny_pipeline
 from infinity_lightning.presets import tokenizer_config, transformer_config
 from infinity_lightning.sampling import ForceBits, generate, images_to_uint8
-from infinity_lightning.scales import get_scale_schedule
+from infinity_lightning.scales import resolve
 
 PROMPT = "a photo of a dog"
 
@@ -42,13 +41,13 @@ def test_released_layout_matches_direct_generation(pipe, released_dir):
     ours = pipe(PROMPT, seed=3, resolution=128, output_type="np")
     assert ours.shape == (1, 128, 128, 3) and ours.dtype == np.uint8
     feats = pipe.text_encoder.encode([PROMPT])
-    schedule = get_scale_schedule(1.0, "0.06M")[:5]
-    assert resolve_schedule(1.0, 128) == schedule
+    schedule = resolve("0.06M", 1.0)[:5]
+    assert resolve(128, 1.0) == schedule
     ref = generate(pipe.transformer, feats, schedule, tokenizer=pipe.tokenizer, cfg=3.0, tau=1.0, top_k=900,
                    top_p=0.97, seed=3)
     np.testing.assert_array_equal(ours[0], images_to_uint8(ref.images)[0].numpy())
     # default resolution: the 0.06M table (256 px)
-    assert pipe.settings()["resolution"] == "0.06M" and resolve_schedule(1.0, "0.06M")[-1] == (1, 16, 16)
+    assert pipe.settings()["resolution"] == "0.06M" and resolve("0.06M", 1.0)[-1] == (1, 16, 16)
 
 
 def test_seeds_decide_the_image(pipe):
@@ -81,7 +80,7 @@ def test_batch_of_prompts_is_independent_of_batching(pipe):
     g = torch.Generator().manual_seed(20)
     one_stream = pipe(prompts, generator=g, resolution=64, output_type="np")
     text = pipe.encode_prompt(prompts)
-    ref = generate(pipe.transformer, text, resolve_schedule(1.0, 64), tokenizer=pipe.tokenizer, cfg=3.0, tau=1.0,
+    ref = generate(pipe.transformer, text, resolve(64, 1.0), tokenizer=pipe.tokenizer, cfg=3.0, tau=1.0,
                    generator=torch.Generator().manual_seed(20))
     np.testing.assert_array_equal(one_stream, images_to_uint8(ref.images).numpy())
 
@@ -92,7 +91,7 @@ def test_negative_prompt_and_guidance_change_the_image(pipe):
     assert (base != neg).any()
     feats = pipe.text_encoder.encode([PROMPT])
     neg_feats = pipe.text_encoder.encode(["a blue car in the city"])
-    ref = generate(pipe.transformer, feats, resolve_schedule(1.0, 64), tokenizer=pipe.tokenizer, cfg=3.0, tau=1.0,
+    ref = generate(pipe.transformer, feats, resolve(64, 1.0), tokenizer=pipe.tokenizer, cfg=3.0, tau=1.0,
                    negative_text=neg_feats, seed=7)
     np.testing.assert_array_equal(neg[0], images_to_uint8(ref.images)[0].numpy())
     # a shared negative prompt serves every prompt
@@ -106,7 +105,7 @@ def test_negative_prompt_and_guidance_change_the_image(pipe):
 
 def test_progression_bits_and_hooks(pipe):
     out = pipe(PROMPT, seed=4, resolution=64, output_type="tensor", return_progression=True, return_bits=True)
-    K = len(resolve_schedule(1.0, 64))
+    K = len(resolve(64, 1.0))
     assert out.images.shape == (1, 3, 64, 64) and len(out.bit_labels[0]) == K
     assert out.progression[0].shape == (K, 3, 64, 64)
     torch.testing.assert_close(out.progression[0][-1], out.images[0], rtol=0, atol=1e-5)
@@ -123,7 +122,7 @@ def test_bf16_and_aspect_ratio(released_dir):
     assert pipe.dtype == torch.bfloat16
     imgs = pipe([PROMPT, "a bowl of fruit"], seed=1, resolution=64, aspect_ratio=[1.0, 2.0])
     assert imgs[0].size == (64, 64)
-    h, w = resolve_schedule(2.0, 64)[-1][1:]
+    h, w = resolve(64, 2.0)[-1][1:]
     assert imgs[1].size == (16 * w, 16 * h) and h == 2 * w
     assert np.asarray(imgs[0]).std() > 0
 
@@ -208,29 +207,3 @@ def test_missing_files_and_offline_hub(tmp_path, released_dir, monkeypatch):
     assert "not a local folder" in msg and "HF_HUB_OFFLINE" in msg
     assert "huggingface-cli download FoundationVision/Infinity infinity_8b_weights/* " \
            "infinity_vae_d56_f8_14_patchify.pth" in msg
-
-
-def test_resolution_names():
-    assert len(resolve_schedule(1.0, "1M")) == 13 and resolve_schedule(1.0, 1024)[-1] == (1, 64, 64)
-    assert resolve_schedule(1.0, "0.25M")[-1] == (1, 32, 32) and resolve_schedule(1.0, "512px") == \
-        resolve_schedule(1.0, "0.25M")
-    assert resolve_schedule(0.5, "0.06M") == get_scale_schedule(0.5, "0.06M")
-    with pytest.raises(ValueError, match="expected one of"):
-        resolve_schedule(1.0, "big")
-
-
-def test_resolution_and_aspect_ratio_outside_the_templates():
-    from infinity_lightning.pipeline import resolve_schedule
-
-    assert resolve_schedule(1.0, "0.06M")[-1] == (1, 16, 16)
-    assert resolve_schedule(2.0, 256)[-1][1] > resolve_schedule(2.0, 256)[-1][2]
-    with pytest.raises(ValueError, match="outside the templates"):
-        resolve_schedule(10.0, "1M")
-    with pytest.raises(ValueError, match="outside the templates"):
-        resolve_schedule(0.1, 256)
-    with pytest.raises(ValueError, match="larger than the largest schedule"):
-        resolve_schedule(1.0, 4096)
-    assert resolve_schedule(1.0, 64, stride=8)[-1] == (1, 8, 8)      # a stride-8 tokenizer: 8x8 tokens
-    assert resolve_schedule(1.0, 64)[-1] == (1, 4, 4)
-    with pytest.warns(UserWarning, match="not a schedule size"):
-        assert resolve_schedule(1.0, 700)[-1] == (1, 40, 40)

@@ -26,18 +26,19 @@ APPENDIX_A = {
 @pytest.mark.parametrize("template", sorted(APPENDIX_A))
 def test_pixel_sizes_and_lengths_match_appendix_a(template):
     for pn, (H, W, L) in zip(["0.06M", "0.25M", "0.60M", "1M"], APPENDIX_A[template]):
-        sched = scales.get_scale_schedule(template, pn, exact=True)
-        assert scales.image_size(sched) == (H, W)
-        assert scales.num_tokens(sched) == L
+        sched = scales.resolve(pn, template)
+        assert sched.template == template
+        assert sched.pixel_size() == (H, W)
+        assert sched.num_tokens == L == sum(sched.sizes)
         assert all(t == 1 for t, _, _ in sched)
 
 
 def test_template_order_and_1m_square_schedule():
     assert scales.TEMPLATE_RATIOS == [1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5, 0.4,
                                       3.0, 0.333]
-    assert [h for _, h, _ in scales.get_scale_schedule(1.0, "1M")] == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
-    assert scales.get_scale_schedule(2.0, "1M")[-1] == (1, 90, 45)
-    assert scales.get_scale_schedule(0.5, "1M")[-1] == (1, 45, 90)
+    assert [h for _, h, _ in scales.resolve("1M", 1.0)] == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+    assert scales.resolve("1M", 2.0)[-1] == (1, 90, 45)
+    assert scales.resolve("1M", 0.5)[-1] == (1, 45, 90)
 
 
 def test_nearest_template_and_errors():
@@ -45,29 +46,34 @@ def test_nearest_template_and_errors():
     assert scales.nearest_template(0.52) == 0.5
     assert scales.nearest_template(10.0) == 3.0
     assert scales.nearest_template(1.125) == 1.0       # tie between 1.0 and 1.25: the first wins
-    assert scales.get_pixel_size(1.4, "0.06M") == (320, 240)   # nearest is 1.333
+    assert scales.resolve("0.06M", 1.4).pixel_size() == (320, 240)   # nearest is 1.333
     with pytest.raises(ValueError, match="pixel budget"):
-        scales.get_scale_schedule(1.0, "2M")
+        scales.check_budget("2M")
+    with pytest.raises(ValueError, match="expected one of"):
+        scales.resolve("2M", 1.0)
     with pytest.raises(ValueError, match="positive"):
         scales.nearest_template(0)
-    with pytest.raises(ValueError, match="not a template"):
-        scales.get_scale_schedule(1.1, "1M", exact=True)
+    with pytest.raises(ValueError, match="not a prefix of template"):
+        scales.ScaleSchedule([(1, 1), (3, 3)], template=1.0)
 
 
 def test_tokenizer_schedules_with_and_without_patchify():
-    sched = scales.get_scale_schedule(1.0, "0.06M")
-    assert scales.tokenizer_schedule(sched) == sched
-    assert scales.tokenizer_schedule(sched, patchify=True)[-1] == (1, 32, 32)
-    assert scales.tokenizer_schedule(sched, patchify=True)[1] == (1, 4, 4)
+    sched = scales.resolve("0.06M", 1.0)
+    assert sched.tokenizer_side == sched
+    assert sched.with_patchify(True).tokenizer_side[-1] == (1, 32, 32)
+    assert scales.resolve("0.06M", 1.0, patchify=True).tokenizer_side[1] == (1, 4, 4)
+    assert sched.with_patchify(True).grids == sched.grids            # the token side is unchanged
 
 
 def test_offsets_and_template_of_schedule():
-    sched = scales.get_scale_schedule(1.0, "0.06M")
-    assert scales.scale_offsets(sched) == [0, 1, 5, 21, 57, 121, 265, 521]
-    assert scales.template_of_schedule(sched[:5]) == 1.0
-    assert scales.template_of_schedule(scales.get_scale_schedule(0.5, "0.25M")) == 0.5
+    sched = scales.resolve("0.06M", 1.0)
+    assert sched.offsets == (0, 1, 5, 21, 57, 121, 265, 521)
+    assert sched[:5].template == 1.0 and sched[:5] == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6), (1, 8, 8)]
+    assert scales.as_schedule([(1, 1, 1), (1, 2, 2), (1, 4, 4)]).template == 1.0
+    assert scales.resolve("0.25M", 0.5).template == 0.5
+    assert scales.as_schedule([(1, 1, 1), (1, 3, 3)]).template is None         # a custom schedule
     with pytest.raises(ValueError, match="not a prefix"):
-        scales.template_of_schedule([(1, 1, 1), (1, 3, 3)])
+        scales.resolve([(1, 1, 1), (1, 3, 3)])
 
 
 def test_latent_schedules_for_tokenizer_evaluation():
@@ -82,7 +88,63 @@ def test_latent_schedules_for_tokenizer_evaluation():
 
 
 def test_full_table():
-    table = scales.dynamic_resolution_table()
-    assert len(table) == 15
-    assert table[1.0]["1M"]["pixel"] == (1024, 1024)
-    assert len(table[3.0]["0.60M"]["scales"]) == 12
+    for ratio in scales.TEMPLATE_RATIOS:
+        for pn, steps in scales.PIXEL_BUDGETS.items():
+            assert len(scales.resolve(pn, ratio)) == steps
+    assert scales.resolve("1M", 1.0).pixel_size() == (1024, 1024)
+    assert len(scales.resolve("0.60M", 3.0)) == 12
+
+
+def test_resolution_names():
+    assert len(scales.resolve("1M", 1.0)) == 13 and scales.resolve(1024, 1.0)[-1] == (1, 64, 64)
+    assert scales.resolve("0.25M", 1.0)[-1] == (1, 32, 32) and scales.resolve("512px", 1.0) == \
+        scales.resolve("0.25M", 1.0)
+    assert scales.resolve("0.06M", 0.5).pixel_size() == (176, 352) and scales.resolve("0.06M", 0.52).template == 0.5
+    with pytest.raises(ValueError, match="expected one of"):
+        scales.resolve("big", 1.0)
+
+
+def test_resolution_and_aspect_ratio_outside_the_templates():
+    assert scales.resolve("0.06M", 1.0)[-1] == (1, 16, 16)
+    assert scales.resolve(256, 2.0)[-1][1] > scales.resolve(256, 2.0)[-1][2]
+    with pytest.raises(ValueError, match="outside the templates"):
+        scales.resolve("1M", 10.0)
+    with pytest.raises(ValueError, match="outside the templates"):
+        scales.resolve(256, 0.1)
+    with pytest.raises(ValueError, match="larger than the largest schedule"):
+        scales.resolve(4096, 1.0)
+    assert scales.resolve(64, 1.0, token_stride=8)[-1] == (1, 8, 8)      # a stride-8 tokenizer: 8x8 tokens
+    assert scales.resolve(64, 1.0)[-1] == (1, 4, 4)
+    with pytest.warns(UserWarning, match="not a schedule size"):
+        assert scales.resolve(700, 1.0)[-1] == (1, 40, 40)
+
+
+def test_template_latent_schedule_and_patchify():
+    assert scales.latent_schedule(8, 8, "template") == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6), (1, 8, 8)]
+    assert scales.latent_schedule(8, 8, "template").template == 1.0
+    assert scales.latent_schedule(16, 8, "template").template == 2.0     # 2:1 grids are in the 2.0 table
+    with pytest.raises(ValueError, match="no aspect-ratio template has the grid 7x7"):
+        scales.latent_schedule(7, 7, "template")
+    with pytest.raises(ValueError, match="unknown schedule mode"):
+        scales.latent_schedule(8, 8, "fancy")
+    # a stride-8 patchify tokenizer: a 32x32 latent grid is a 16x16 token grid
+    patch = scales.latent_schedule(32, 32, "dynamic", patchify=True)
+    assert patch.last_grid == (16, 16) and patch.tokenizer_side[-1] == (1, 32, 32) and len(patch) == 7
+
+
+def test_schedule_object_is_immutable_hashable_and_round_trips():
+    import pickle
+
+    sched = scales.resolve("0.25M", 0.75, patchify=True)
+    with pytest.raises(AttributeError, match="immutable"):
+        sched.template = 1.0
+    assert pickle.loads(pickle.dumps(sched)) == sched
+    assert {sched: 1}[scales.resolve("0.25M", 0.75, patchify=True)] == 1
+    assert scales.ScaleSchedule.from_dict(sched.to_dict()) == sched
+    assert sched != scales.resolve("0.25M", 0.75)                       # patchify is part of the identity
+    assert scales.resolve(sched) is not None and scales.resolve(sched, patchify=False).patchify is False
+    with pytest.raises(ValueError, match="pipeline.json"):
+        scales.ScaleSchedule.from_dict({"grids": [[1, 1], [3, 3]], "template": 1.0}, "pipeline.json")
+    with pytest.raises(ValueError, match=r"\(h, w\) or \(1, h, w\)"):
+        scales.as_schedule([(1, 2, 3, 4)])
+    assert scales.resolve("0.06M", 1.0) is scales.resolve("0.06M", 1.0)   # built once, then cached

@@ -74,7 +74,7 @@ def test_kv_cached_logits_equal_teacher_forced_logits(preset, tok):
     model, vae, images = _setup(preset, tok, 64)
     patchify = model.config.apply_spatial_patchify
     schedule = [(1, 1, 1), (1, 2, 2), (1, 4, 4)]                 # 64 px images for both tokenizers
-    vae_schedule = scales.tokenizer_schedule(schedule, patchify)
+    vae_schedule = scales.as_schedule(schedule, patchify).tokenizer_side
     with torch.no_grad():
         raw = vae.encode_raw(images)
     tf = teacher_forcing_inputs(raw, vae_schedule, patchify=patchify)
@@ -84,7 +84,7 @@ def test_kv_cached_logits_equal_teacher_forced_logits(preset, tok):
     forced = tf.labels_per_scale(schedule)
     out = generate(model, text, schedule, cfg=1.0, tau=1.0, top_k=1, top_p=0.0,
                    hooks=[ForceBits(forced)], return_logits=True, seed=0)
-    offsets = scales.scale_offsets(schedule)
+    offsets = scales.as_schedule(schedule).offsets
     for k in range(len(schedule)):
         per_scale = logits[:, offsets[k]:offsets[k + 1]].reshape(2, -1, 2)
         assert torch.allclose(out.logits[k], per_scale, atol=2e-5, rtol=1e-5), k
@@ -97,7 +97,7 @@ def test_patchify_bit_order_matches_pixel_unshuffle():
     torch.manual_seed(1)
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     schedule = [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
-    vae_schedule = scales.tokenizer_schedule(schedule, True)
+    vae_schedule = scales.as_schedule(schedule, True).tokenizer_side
     with torch.no_grad():
         raw = vae.encode_raw(images)
     patch = teacher_forcing_inputs(raw, vae_schedule, patchify=True)
@@ -123,7 +123,7 @@ def test_patchify_bit_order_matches_pixel_unshuffle():
 def test_patchify_generation_sums_codes_on_the_doubled_grid():
     model, vae, images = _setup("tiny_patchify", "tiny_f8", 64, seed=3)
     schedule = [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
-    vae_schedule = scales.tokenizer_schedule(schedule, True)
+    vae_schedule = scales.as_schedule(schedule, True).tokenizer_side
     text = tiny_text(2, model.config.text_channels)
     out = generate(model, text, schedule, tokenizer=vae, cfg=[1.0, 3.0, 2.0], tau=1.0, seed=5)
     assert [tuple(b.shape) for b in out.bit_labels] == [(2, 1, 2, 2, 16), (2, 1, 4, 4, 16), (2, 1, 8, 8, 16)]

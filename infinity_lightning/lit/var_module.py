@@ -193,7 +193,7 @@ def _normalise_schedules(value: Any) -> Optional[Dict[Optional[float], Schedule]
             if len(g) != 3:
                 raise ValueError(f"scale_schedule entries are (h, w) or (1, h, w), got {g}")
             out.append((g[0], g[1], g[2]))
-        _scales.template_of_schedule(out)  # RoPE positions exist only for table schedules
+        _scales.resolve(out)  # RoPE positions exist only for table schedules
         return out
 
     if isinstance(value, Mapping):
@@ -288,7 +288,7 @@ class BitwiseVARModule(pl.LightningModule):
         if bitloss_type not in ("mean", "sum"):
             raise ValueError(f"bitloss_type {bitloss_type!r}; expected 'mean' or 'sum'")
         if pn is not None:
-            _scales._check_pn(pn)
+            _scales.check_budget(pn)
         self.transformer = transformer
         self.tokenizer = tokenizer
         if tokenizer is not None:
@@ -351,7 +351,7 @@ class BitwiseVARModule(pl.LightningModule):
                     return list(v)
             raise ValueError(f"module.scale_schedule has no schedule for template {t} (has {sorted(self.schedules)})")
         if self.hparams.pn is not None:
-            return _scales.get_scale_schedule(template, self.hparams.pn)
+            return _scales.resolve(self.hparams.pn, template)
         if token_hw is None:
             size = self.hparams.image_size
             t = _scales.nearest_template(template)
@@ -442,7 +442,7 @@ class BitwiseVARModule(pl.LightningModule):
         template = _as_template(batch.get("h_div_w_template"), (h, w))
         token_hw = (h // 2, w // 2) if self.patchify else (h, w)
         schedule = self.scale_schedule_for(template, token_hw)
-        vae_schedule = _scales.tokenizer_schedule(schedule, self.patchify)
+        vae_schedule = _scales.as_schedule(schedule, self.patchify).tokenizer_side
         if tuple(vae_schedule[-1][1:]) != (h, w):
             raise ValueError(f"the latent grid is {h}x{w} but the scale schedule ends at {vae_schedule[-1][1:]} "
                              f"(template {template}); make data.image_size / module.pn / module.scale_schedule agree")

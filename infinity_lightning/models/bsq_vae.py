@@ -18,26 +18,57 @@ Module attribute names reproduce the released state-dict keys exactly (convoluti
 chosen on purpose: on CPU, convolutions and interpolations pick different kernels for contiguous
 and channels-last tensors, and the released numbers depend on which one ran (spec 6.4, 6.5).
 
-This module imports torch only (and the plain :class:`TokenizerConfig` dataclass).
+This module imports torch and the scale schedules only; :class:`TokenizerConfig` describes the architecture.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinity_lightning.presets import TokenizerConfig
+from infinity_lightning import scales
 
 Grid = Tuple[int, int, int]
 
 __all__ = [
-    "BSQVAE", "BSQ", "MultiScaleBSQ", "Encoder", "Decoder", "ResnetBlock",
+    "TokenizerConfig", "BSQVAE", "BSQ", "MultiScaleBSQ", "Encoder", "Decoder", "ResnetBlock",
     "area_resize", "bilinear_resize", "bsq_quantize", "bits_to_codes", "group_norm_groups",
 ]
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """BSQ-VAE architecture (spec 6.1-6.3)."""
+
+    codebook_dim: int = 32
+    base_ch: int = 128
+    ch_mult: Tuple[int, ...] = (1, 2, 4, 4, 4)
+    num_res_blocks: int = 2
+    patch_size: int = 16  # total stride; log2(patch_size) down/up-sampling levels
+    in_channels: int = 3
+    #: GroupNorm groups: 32 if channels % 32 == 0 else 24 (the released rule, "auto"), or a number
+    norm_groups: Any = "auto"
+    #: The 8B tokenizer feeds the transformer 2x2 pixel-unshuffled tokens (4 * codebook_dim bits)
+    spatial_patchify: bool = False
+
+    @property
+    def stride(self) -> int:
+        return self.patch_size
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.codebook_dim * (4 if self.spatial_patchify else 1)
+
+    @property
+    def image_stride(self) -> int:
+        """Pixels per transformer token side (16 for every released tokenizer)."""
+        return self.patch_size * (2 if self.spatial_patchify else 1)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,17 +579,12 @@ class BSQVAE(nn.Module):
         """
         return self.decode(self.codes_from_bits(bit_labels, vae_schedule))
 
-    def default_schedule(self, latent_h: int, latent_w: int) -> List[Grid]:
-        """The Infinity ("dynamic") schedule ending at the latent grid; with spatial patchify, the
-        token schedule of the half grid, doubled (spec 5.5)."""
-        # scales.py is a table of plain Python lists (no torch, no files): imported here only to
-        # supply a default, so that the numerics above never depend on it.
-        from infinity_lightning import scales
-
+    def default_schedule(self, latent_h: int, latent_w: int) -> scales.ScaleSchedule:
+        """The Infinity ("dynamic") schedule ending at the latent grid, tokenizer side; with
+        spatial patchify, the token schedule of the half grid, doubled."""
         if self.config.spatial_patchify and latent_h % 2 == 0 and latent_w % 2 == 0:
             try:
-                return scales.tokenizer_schedule(scales.latent_schedule(latent_h // 2, latent_w // 2, "dynamic"),
-                                                 patchify=True)
+                return scales.latent_schedule(latent_h, latent_w, "dynamic", patchify=True).tokenizer_side
             except ValueError:
                 pass
         return scales.latent_schedule(latent_h, latent_w, "dynamic")

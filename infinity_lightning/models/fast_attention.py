@@ -39,6 +39,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..scales import as_schedule
+
 #: Consecutive scales are merged into one query group until the group holds this many tokens.
 #: Small scales are cheap to compute densely but expensive to launch one by one.
 DEFAULT_GROUP_TOKENS = 96
@@ -86,8 +88,7 @@ class BlockCausalLayout:
 
 
 @lru_cache(maxsize=64)
-def _layout_cached(schedule: Tuple[Tuple[int, int, int], ...], group_tokens: int, backend: str) -> BlockCausalLayout:
-    sizes = [h * w for _, h, w in schedule]
+def _layout_cached(sizes: Tuple[int, ...], group_tokens: int, backend: str) -> BlockCausalLayout:
     ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     groups, masks = [], []
     start, first_scale = 0, 0
@@ -109,8 +110,7 @@ def block_causal_layout(schedule: Sequence[Sequence[int]], group_tokens: int = D
     """The (cached) :class:`BlockCausalLayout` of a scale schedule [(1, h, w), ...]."""
     if backend not in ("chunked", "flex"):
         raise ValueError(f"block-causal backend {backend!r}; expected 'chunked' or 'flex'")
-    key = tuple((int(t), int(h), int(w)) for t, h, w in schedule)
-    return _layout_cached(key, int(group_tokens), backend)
+    return _layout_cached(as_schedule(schedule).sizes, int(group_tokens), backend)
 
 
 _FLEX: dict = {}

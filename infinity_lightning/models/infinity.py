@@ -30,10 +30,69 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..presets import TransformerConfig
+from .. import scales
 from . import fast_attention, numerics
 
 Schedule = Sequence[Sequence[int]]
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Infinity transformer architecture and the switches of spec 1.2."""
+
+    depth: int = 32
+    embed_dim: int = 2048
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    #: groups consecutive blocks; >1 gives ``block_chunks.{c}.module.{j}`` keys, 1 gives ``blocks.{i}``
+    block_chunks: int = 8
+    text_channels: int = 2048
+    text_maxlen: int = 512
+    #: bits per latent position of the paired tokenizer (d); tokens carry 4d bits with patchify
+    codebook_dim: int = 32
+    apply_spatial_patchify: bool = False
+    cond_drop_rate: float = 0.1
+    norm_eps: float = 1e-6
+    pad_to_multiplier: int = 128
+    #: clamp of the cosine-attention temperature (log 100)
+    max_scale_mul_log: float = 4.605170185988092
+    num_levels: int = 15  # rows of lvl_embed
+    rope_theta: float = 10000.0
+    #: tokenizer preset the released weights pair with (for pipeline validation)
+    tokenizer: Optional[str] = "d32_reg"
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.codebook_dim * (4 if self.apply_spatial_patchify else 1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # Python's round is half-to-even, as in the original (layer32: 32.5 -> 32).
+        return round(self.embed_dim * self.mlp_ratio / 256) * 256
+
+    @property
+    def text_pool_heads(self) -> int:
+        head_dim = 64 if self.embed_dim > 4096 else 128
+        return max(1, self.text_channels // head_dim)
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.block_chunks < 1 or self.depth % self.block_chunks:
+            raise ValueError(f"depth {self.depth} is not divisible by block_chunks {self.block_chunks}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
+        if self.ffn_hidden <= 0:
+            raise ValueError(f"embed_dim {self.embed_dim} with mlp_ratio {self.mlp_ratio} gives an FFN width of 0")
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +594,8 @@ class InfinityTransformer(nn.Module):
         """
         cond = self.encode_text(text, cond_drop_mask)
         B = x_wo_prefix.shape[0]
-        L = numerics._scales.num_tokens(scale_schedule)
+        scale_schedule = scales.as_schedule(scale_schedule)
+        L = scale_schedule.num_tokens
         if x_wo_prefix.shape[1] != L - 1:
             raise ValueError(f"x_wo_prefix has {x_wo_prefix.shape[1]} tokens; schedule needs L-1 = {L - 1}")
         if len(cond) != B:
@@ -610,7 +670,7 @@ class InfinityTransformer(nn.Module):
         cfg, B) mixes the conditional and unconditional halves after that layer (guidance on
         hidden states) and continues with the mixed state duplicated.
         """
-        offsets = numerics._scales.scale_offsets(scale_schedule)
+        offsets = scales.as_schedule(scale_schedule).offsets
         start, end = offsets[scale_index], offsets[scale_index + 1]
         cos, sin = numerics.rope_cos_sin(scale_schedule, self.config.head_dim, None, self.config.rope_theta, x.device)
         cos, sin = cos[start:end], sin[start:end]

@@ -48,7 +48,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import scales as _scales
+from ..scales import as_schedule
 
 #: log(100): the cap on the cosine-attention temperature.
 MAX_SCALE_MUL_LOG = math.log(100)
@@ -101,7 +101,7 @@ def padded_length(length: int, multiple: int) -> int:
 
 def scale_ids(schedule: Sequence[Sequence[int]], device=None) -> torch.Tensor:
     """Scale index of every token (length L)."""
-    sizes = [int(h) * int(w) for _, h, w in schedule]
+    sizes = as_schedule(schedule).sizes
     return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
 
 
@@ -121,20 +121,6 @@ def block_causal_mask(schedule: Sequence[Sequence[int]], padded_len: int, device
 # --------------------------------------------------------------------------------------------
 # 4. RoPE-2D
 # --------------------------------------------------------------------------------------------
-def rope_reference_grid(schedule: Sequence[Sequence[int]]) -> Tuple[int, int]:
-    """The grid positions are rescaled onto: the last grid of the template's 1M schedule.
-
-    Schedules that are no template prefix (custom small-model schedules) use their own last grid.
-    """
-    try:
-        template = _scales.template_of_schedule(schedule)
-    except ValueError:
-        _, h, w = schedule[-1]
-        return int(h), int(w)
-    h, w = _scales.TEMPLATES[template][-1]
-    return h, w
-
-
 def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """fp32 inverse frequencies, head_dim/4 of them (module docstring, point 4)."""
     half = head_dim // 2
@@ -143,11 +129,12 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _rope_angles_cached(schedule: Tuple[Tuple[int, int, int], ...], head_dim: int, theta: float) -> torch.Tensor:
-    ref_h, ref_w = rope_reference_grid(schedule)
+def _rope_angles_cached(grids: Tuple[Tuple[int, int], ...], ref_grid: Tuple[int, int], head_dim: int,
+                        theta: float) -> torch.Tensor:
+    ref_h, ref_w = ref_grid
     inv_freq = rope_inv_freq(head_dim, theta)
     rows = []
-    for _, h, w in schedule:
+    for h, w in grids:
         ys = (torch.arange(h, dtype=torch.float32) * (ref_h / h)).round()
         xs = (torch.arange(w, dtype=torch.float32) * (ref_w / w)).round()
         ang_y = torch.outer(ys, inv_freq)  # (h, hd/4)
@@ -158,14 +145,19 @@ def _rope_angles_cached(schedule: Tuple[Tuple[int, int, int], ...], head_dim: in
 
 
 def rope2d_angles(schedule: Sequence[Sequence[int]], head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Rotation angles (L, head_dim/2) of every token of a schedule (row-major within a scale)."""
-    key = tuple((int(t), int(h), int(w)) for t, h, w in schedule)
-    return _rope_angles_cached(key, int(head_dim), float(theta))
+    """Rotation angles (L, head_dim/2) of every token of a schedule (row-major within a scale).
+
+    Positions are rescaled onto the schedule's ``rope_reference_grid``: the last grid of the
+    template's 1M table, or the schedule's own last grid when it is no template prefix.
+    """
+    s = as_schedule(schedule)
+    return _rope_angles_cached(s.grids, s.rope_reference_grid, int(head_dim), float(theta))
 
 
 @lru_cache(maxsize=64)
-def _rope_cos_sin(schedule: Tuple[Tuple[int, int, int], ...], head_dim: int, theta: float, padded_len: int):
-    ang = _rope_angles_cached(schedule, head_dim, theta)
+def _rope_cos_sin(grids: Tuple[Tuple[int, int], ...], ref_grid: Tuple[int, int], head_dim: int, theta: float,
+                  padded_len: int):
+    ang = _rope_angles_cached(grids, ref_grid, head_dim, theta)
     cos, sin = ang.cos(), ang.sin()
     pad = padded_len - cos.shape[0]
     if pad > 0:  # padding rows get no rotation; they are masked and discarded anyway
@@ -177,9 +169,9 @@ def _rope_cos_sin(schedule: Tuple[Tuple[int, int, int], ...], head_dim: int, the
 def rope_cos_sin(schedule: Sequence[Sequence[int]], head_dim: int, padded_len: Optional[int] = None,
                  theta: float = 10000.0, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (Lp, head_dim/2) fp32, for a schedule, zero-padded to ``padded_len``."""
-    key = tuple((int(t), int(h), int(w)) for t, h, w in schedule)
-    L = sum(h * w for _, h, w in key)
-    cos, sin = _rope_cos_sin(key, int(head_dim), float(theta), int(padded_len or L))
+    s = as_schedule(schedule)
+    cos, sin = _rope_cos_sin(s.grids, s.rope_reference_grid, int(head_dim), float(theta),
+                             int(padded_len or s.num_tokens))
     if device is not None:
         cos, sin = cos.to(device), sin.to(device)
     return cos, sin
