@@ -2,10 +2,12 @@
 
 Nothing is downloaded: a caption grammar picks colours, shapes, positions and counts
 ("a red circle", "a blue square at the top left", "two green triangles",
-"a red circle and a blue square"), :func:`render_shapes` draws the scene with Pillow
-(supersampled for anti-aliasing), and :class:`ShapesChecker` tells with classical image
-analysis whether an image shows the caption's main object in the right colour and shape, so a
-text-to-image model trained on it can be scored without any learned metric.
+"a red circle and a blue square", "a red circle to the left of a blue square"),
+:func:`render_shapes` draws the scene with Pillow (supersampled for anti-aliasing), and
+:class:`ShapesChecker` tells with classical image analysis whether an image shows the caption's
+main object in the right colour and shape.  That checker is lenient (it looks for the main object
+only and accepts any nearest colour); the measure of whether a model learned the world is the
+strict checker and protocol of :mod:`infinity_lightning.evaluation`.
 
 Every sample is a pure function of ``(data_seed, index)``: the same index always gives the same
 image and caption, for any number of workers, and any index is valid (the generator is
@@ -61,8 +63,19 @@ POSITION_PHRASES = {
     "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
 }
 
-#: Caption kinds and their default sampling weights.
-DEFAULT_MODES: Dict[str, float] = {"single": 0.4, "position": 0.2, "count": 0.2, "pair": 0.2}
+#: Relations between two objects ("a red circle to the left of a blue square") -> caption phrase.
+#: The first object named stands in that relation to the second.
+RELATIONS: Dict[str, str] = {"left of": "to the left of", "right of": "to the right of",
+                             "above": "above", "below": "below"}
+
+#: Caption kinds and their default sampling weights: the composed mixture.  Single large objects
+#: stay the largest share (0.3): they carry colour and shape at the size the tokenizer resolves
+#: best, and every other kind builds on them.  Two-object captions come next (0.25) because they
+#: serve two evaluation categories at once (both objects present, and each colour bound to its
+#: own shape).  Grid positions, relations and counts get 0.15 each: enough that each evaluation
+#: category sees several thousand captions in a quick-start-sized run, while the three kinds share
+#: the small-object layout and so reinforce one another.
+DEFAULT_MODES: Dict[str, float] = {"single": 0.3, "pair": 0.25, "position": 0.15, "relation": 0.15, "count": 0.15}
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,12 @@ def _rgb(colour: Union[str, Sequence[int]]) -> RGB:
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+def shape_polygon(shape: str, x0: float, y0: float, side: float) -> List[Tuple[float, float]]:
+    """Vertices of a polygon shape (triangle, diamond, star) whose box has top-left corner
+    ``(x0, y0)`` and side ``side``, as :func:`render_shapes` draws it."""
+    return _polygon(shape, x0, y0, side)
 
 
 def _polygon(shape: str, x0: float, y0: float, s: float) -> List[Tuple[float, float]]:
@@ -151,6 +170,38 @@ def render_shapes(spec: Union[ShapeSpec, Sequence[ShapeObject]], size: int = 64,
     return img.reduce(supersample) if supersample > 1 else img
 
 
+#: Smallest gap between the boxes of objects in neighbouring grid cells, as a fraction of the
+#: image side (3 px at 64 px): objects never touch, so each one is a separate component.
+CELL_GAP = 0.05
+
+
+def cell_object(rng: np.random.Generator, colour: str, shape: str, position: str) -> ShapeObject:
+    """A small object (side 0.2-0.26 of the image) in the grid cell ``position``, its centre
+    jittered within the cell so that its box stays :data:`CELL_GAP` / 2 inside the cell."""
+    col, row = POSITIONS[position]
+    size = float(rng.uniform(0.2, 0.26))
+    jitter = (1 / 3 - size - CELL_GAP) / 2
+    cx = (col + 0.5) / 3 + float(rng.uniform(-jitter, jitter))
+    cy = (row + 0.5) / 3 + float(rng.uniform(-jitter, jitter))
+    return ShapeObject(colour, shape, cx, cy, size, position)
+
+
+def relation_cells(relation: str, rng: np.random.Generator) -> Tuple[str, str]:
+    """Two grid positions (names of :data:`POSITIONS`) whose objects stand in ``relation``: the
+    same row for "left of"/"right of", the same column for "above"/"below", so the offset between
+    the objects points along the named axis."""
+    if relation not in RELATIONS:
+        raise ValueError(f"unknown relation {relation!r}; known: {list(RELATIONS)}")
+    line = int(rng.integers(3))
+    near, far = sorted(int(k) for k in rng.choice(3, size=2, replace=False))
+    if relation in ("right of", "below"):
+        near, far = far, near
+    by_cell = {cell: name for name, cell in POSITIONS.items()}
+    if relation in ("left of", "right of"):
+        return by_cell[(near, line)], by_cell[(far, line)]
+    return by_cell[(line, near)], by_cell[(line, far)]
+
+
 def _normalise_pairs(pairs: Optional[Iterable[Any]]) -> frozenset:
     out = set()
     for p in pairs or ():
@@ -172,13 +223,17 @@ class ShapesGenerator:
     Args:
         colours / shapes: vocabularies (names from :data:`PALETTE` and :data:`SHAPE_NAMES`).
         background: background colour name or RGB (must differ from every object colour).
-        modes: caption kinds and weights: ``"single"`` (one large object, "a red circle"),
-            ``"position"`` (one object in a 3 x 3 grid cell, "a red circle at the top left"),
-            ``"count"`` (2-``max_count`` equal objects, "two green triangles"), ``"pair"`` (two
-            different objects, "a red circle and a blue square").
+        modes: caption kinds and weights (default :data:`DEFAULT_MODES`, a composed mixture):
+            ``"single"`` (one large object, "a red circle"), ``"position"`` (one object in a
+            3 x 3 grid cell, "a red circle at the top left"), ``"count"`` (2-``max_count`` equal
+            objects, "two green triangles"), ``"pair"`` (two different objects, "a red circle and
+            a blue square"), ``"relation"`` (two different objects in one row or column, "a red
+            circle to the left of a blue square", see :data:`RELATIONS`).
         single_object: shorthand for ``modes={"single": 1}`` (the quick start).
-        holdout_pairs: ``(colour, shape)`` pairs (or ``"colour shape"`` strings) never drawn,
-            to test compositional generalisation on them later (:meth:`holdout_specs`).
+        holdout_pairs: ``(colour, shape)`` pairs (or ``"colour shape"`` strings) never drawn and
+            never named in any caption of any mode (the other objects of a two-object, count or
+            relation scene are drawn from the training pairs too), to test compositional
+            generalisation on them later (:meth:`holdout_specs`).
         seed: the content seed; sample ``i`` uses ``numpy.random.default_rng([seed, i])``.
     """
 
@@ -218,12 +273,7 @@ class ShapesGenerator:
 
     # -- specs --------------------------------------------------------------------------------
     def _cell_object(self, rng: np.random.Generator, colour: str, shape: str, position: str) -> ShapeObject:
-        col, row = POSITIONS[position]
-        size = float(rng.uniform(0.2, 0.27))
-        jitter = (1 / 3 - size) / 2 * 0.8
-        cx = (col + 0.5) / 3 + float(rng.uniform(-jitter, jitter))
-        cy = (row + 0.5) / 3 + float(rng.uniform(-jitter, jitter))
-        return ShapeObject(colour, shape, cx, cy, size, position)
+        return cell_object(rng, colour, shape, position)
 
     def _pair(self, rng: np.random.Generator) -> Tuple[str, str]:
         return self.train_pairs[int(rng.integers(len(self.train_pairs)))]
@@ -250,16 +300,24 @@ class ShapesGenerator:
             chosen = rng.choice(len(cells), size=n, replace=False)
             objs = tuple(self._cell_object(rng, colour, shape, cells[int(k)]) for k in chosen)
             return ShapeSpec(objs, f"{COUNT_WORDS[n]} {colour} {PLURALS[shape]}")
-        if mode == "pair":
+        if mode in ("pair", "relation"):
             other = self._pair(rng)
             for _ in range(16):
                 if other != (colour, shape):
                     break
                 other = self._pair(rng)
-            chosen = rng.choice(len(cells), size=2, replace=False)
-            a = self._cell_object(rng, colour, shape, cells[int(chosen[0])])
-            b = self._cell_object(rng, other[0], other[1], cells[int(chosen[1])])
-            return ShapeSpec((a, b), f"{_article(colour)} {colour} {shape} and {_article(other[0])} {other[0]} {other[1]}")
+            first, second = f"{_article(colour)} {colour} {shape}", f"{_article(other[0])} {other[0]} {other[1]}"
+            if mode == "pair":
+                chosen = rng.choice(len(cells), size=2, replace=False)
+                cell_a, cell_b = cells[int(chosen[0])], cells[int(chosen[1])]
+                caption = f"{first} and {second}"
+            else:
+                relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+                cell_a, cell_b = relation_cells(relation, rng)
+                caption = f"{first} {RELATIONS[relation]} {second}"
+            a = self._cell_object(rng, colour, shape, cell_a)
+            b = self._cell_object(rng, other[0], other[1], cell_b)
+            return ShapeSpec((a, b), caption)
         raise ValueError(f"unknown caption mode {mode!r}")
 
     def spec(self, index: int) -> ShapeSpec:
@@ -324,6 +382,14 @@ def _render_alpha(shape: str, cx: float, cy: float, side: float, x0: int, y0: in
     return np.asarray(canvas.reduce(supersample), dtype=np.float32) / 255
 
 
+def shape_geometry(shape: str) -> Tuple[float, float, float]:
+    """``(area / side**2, centroid x offset / side, centroid y offset / side)`` of ``shape``
+    (offsets from the centre of its box), so a measured area and centroid fix the box."""
+    if shape not in SHAPE_NAMES:
+        raise ValueError(f"unknown shape {shape!r}; known shapes: {list(SHAPE_NAMES)}")
+    return _shape_stats()[shape]
+
+
 def _blur(alpha: np.ndarray, radius: float) -> np.ndarray:
     if radius <= 0:
         return alpha
@@ -337,9 +403,10 @@ _YCBCR = np.array([[0.299, 0.587, 0.114], [-0.1687, -0.3313, 0.5], [0.5, -0.4187
 _YCBCR_WEIGHTS = np.array([4.0, 1.0, 1.0], dtype=np.float32)
 
 
-def _label(mask: np.ndarray) -> Tuple[np.ndarray, int]:
-    """8-connected components of a boolean mask (numpy only): every pixel takes the smallest
-    label among its neighbours, then jumps to its label's label, until nothing changes."""
+def label_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+    """8-connected components of a boolean mask (numpy only): ``(labels, n)`` with labels
+    ``1..n`` in an int array of the mask's shape (0 outside the mask).  Every pixel takes the
+    smallest label among its neighbours, then jumps to its label's label, until nothing changes."""
     h, w = mask.shape
     big = h * w
     # Labels are flat pixel indices; a padded frame of `big` keeps the neighbour shifts simple.
@@ -415,6 +482,11 @@ class ShapesChecker:
     :meth:`check` returns ``{"colour": bool, "shape": bool, "both": bool}``: ``colour`` is true
     when some object has the main object's colour, ``shape`` when one of those objects also has
     its shape (without a colour match: when the largest object has the shape).
+
+    It is lenient by design (a training-time signal): it ignores extra objects and every object
+    but the main one, names any colour after its nearest vocabulary colour however far, and never
+    rejects a poor shape fit, so noise, grids of objects or off-palette colours can pass.  Use
+    :class:`infinity_lightning.evaluation.StrictShapesChecker` to decide whether a model learned.
     """
 
     def __init__(self, colours: Sequence[str] = DEFAULT_COLOURS, shapes: Sequence[str] = DEFAULT_SHAPES,
@@ -470,7 +542,7 @@ class ShapesChecker:
         border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]], 0)
         bg = np.median(border, axis=0)
         fg = np.sqrt(((arr - bg) ** 2).sum(-1)) > self.foreground_threshold
-        labels, n = _label(fg)
+        labels, n = label_components(fg)
         if n == 0:
             return []
         areas = np.bincount(labels.ravel(), minlength=n + 1)
