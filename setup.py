@@ -13,6 +13,7 @@ PACKAGES = [
     "infinity_lightning.lit",
     "infinity_lightning.callbacks",
     "infinity_lightning.datamodules",
+    "infinity_lightning.evaluation",
     "infinity_lightning.recipes_data",
 ]
 
@@ -30,7 +31,8 @@ setup(
         "infinity_lightning.datamodules": "datamodules",
         "infinity_lightning.recipes_data": "recipes",
     },
-    package_data={"infinity_lightning.recipes_data": ["*.yaml", "*/*.yaml"]},
+    package_data={"infinity_lightning.recipes_data": ["*.yaml", "*/*.yaml"],
+                  "infinity_lightning.evaluation": ["protocols/*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",

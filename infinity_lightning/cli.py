@@ -24,6 +24,8 @@ COMMANDS = {
                    "variations of images that keep their first scales' bits"),
     "convert": ("infinity_lightning.commands.convert",
                 "convert between Lightning checkpoints, the released .pth layout and safetensors"),
+    "evaluate": ("infinity_lightning.commands.evaluate",
+                 "score a pipeline on a shapes evaluation protocol with the strict checker"),
 }
 
 
