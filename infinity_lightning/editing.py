@@ -39,8 +39,8 @@ generation sum of the codes, channels-last), so ``variations(keep_scales=0)`` eq
 run: the result is the decoder applied to the quantizer's own sum, the tokenizer's reconstruction.
 
 The functions take an :class:`~infinity_lightning.pipeline.InfinityPipeline` and use its
-components, ``device``, ``dtype``, ``offload``, ``defaults``, ``default_resolution`` and
-``encode_prompt``.
+components, ``device``, ``dtype``, ``offload``, ``sampling``, ``token_stride``, ``schedule_for`` and
+``encode_prompt``.  They return an :class:`EditOutput`, which is also the sequence of its images.
 """
 from __future__ import annotations
 
@@ -57,45 +57,58 @@ from PIL import Image
 
 from . import images as _images
 from . import scales as _scales
-from .sampling import ForceBits, generate, images_to_uint8
+from .sampling import ForceBits, SamplingConfig, generate, images_to_uint8
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 MaskInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 Prompts = Union[str, Sequence[str]]
 
 __all__ = ["EditOutput", "encode_image_bits", "scale_masks", "inpaint", "outpaint", "variations",
-           "inpaint_from_pretrained", "schedule_for", "template_ratio", "OUTPAINT_ANCHORS"]
+           "inpaint_from_pretrained", "template_ratio", "OUTPAINT_ANCHORS"]
 
 #: Where :func:`outpaint` places the image on the canvas.
 OUTPAINT_ANCHORS = ("center", "top", "bottom", "left", "right", "top-left", "top-right", "bottom-left",
                     "bottom-right")
-_OUTPUT_TYPES = ("pil", "np", "tensor")
+#: As the pipeline's: "tensor" in [-1, 1] (the decoder's range), "pt" in [0, 1].
+_OUTPUT_TYPES = ("pil", "np", "pt", "tensor")
 
 
 @dataclasses.dataclass
 class EditOutput:
-    """What the editing functions return with ``return_bits=True``.
+    """What the editing functions return; it is also the sequence of its images (``out[0]``,
+    ``len(out)``, ``for image in out``).
 
-    ``images``: in the requested ``output_type`` (one per prompt and image, prompt-major);
-    ``seeds``: the seed of each image; ``bit_labels``: per image, the per-scale uint8 labels
-    (1, 1, h, w, d) in tokenizer layout; ``image_bit_labels``: the source image's labels (same
-    layout); ``keep_masks``: per scale, the bool (1, h*w, 1) token mask of the kept tokens (True =
-    the image's bits), None for :func:`variations`; ``pixel_mask``: the bool (H, W) mask of the
-    regenerated pixels at the output size (None for variations); ``source``: the source image at
-    the output size, (1, 3, H, W) in [-1, 1]; ``schedule``: the token-side schedule;
-    ``settings``: the sampling settings (plus ``box`` = (left, top, width, height) of the image
-    on an outpainting canvas).
+    ``images``: in the requested ``output_type`` (one per prompt and ``num_images_per_prompt``,
+    prompt-major); ``seeds``: the seed of each image; ``sampling``: the :class:`SamplingConfig`
+    used; ``schedule``: the :class:`~infinity_lightning.scales.ScaleSchedule`; ``bit_labels``: per
+    image, the per-scale uint8 labels (1, 1, h, w, d) in tokenizer layout; ``image_bit_labels``:
+    the source image's labels (same layout); ``keep_masks``: per scale, the bool (1, h*w, 1) token
+    mask of the kept tokens (True = the image's bits; None for :func:`variations`);
+    ``pixel_mask``: the bool (H, W) mask of the regenerated pixels at the output size (None for
+    variations); ``source``: the source image at the output size, (1, 3, H, W) in [-1, 1];
+    ``settings``: the edit's own settings (``grow``, ``blend``, ``feather``, ``keep_scales``; for
+    an outpainting also ``box`` = (left, top, width, height) of the image on the canvas).
     """
 
     images: Any
     seeds: List[int]
+    sampling: SamplingConfig
+    schedule: Any
     bit_labels: List[List[torch.Tensor]]
     image_bit_labels: List[torch.Tensor]
     keep_masks: Optional[List[torch.Tensor]]
     pixel_mask: Optional[torch.Tensor]
     source: torch.Tensor
-    schedule: Any
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self):
+        return iter(self.images)
 
 
 # -- images and masks ------------------------------------------------------------------------
@@ -227,30 +240,10 @@ def _patchify(pipe: Any) -> bool:
     return bool(pipe.transformer.config.apply_spatial_patchify)
 
 
-def _token_stride(pipe: Any) -> int:
-    """Pixels per token side: the tokenizer's stride, doubled when the transformer patchifies.
-
-    Read from the components themselves: a stride-8 tokenizer serves a patchify transformer at 16 px
-    per token and a plain one at 8 px.
-    """
-    return int(pipe.tokenizer.config.patch_size) * (2 if _patchify(pipe) else 1)
-
-
-def schedule_for(pipe: Any, aspect_ratio: float, resolution: Any = None, schedule: Any = None):
-    """The token-side schedule an edit uses: ``schedule`` when given, else the template nearest
-    ``aspect_ratio`` (h/w) at ``resolution`` (None: the pipeline's default resolution), with the
-    pipeline's token stride and patchify."""
-    patchify = _patchify(pipe)
-    if schedule is not None:
-        return _scales.resolve(schedule, token_stride=_token_stride(pipe), patchify=patchify)
-    res = resolution if resolution is not None else pipe.default_resolution
-    return _scales.resolve(res, aspect_ratio, token_stride=_token_stride(pipe), patchify=patchify)
-
-
 def _pixel_size(pipe: Any, schedule: Sequence[Sequence[int]]) -> Tuple[int, int]:
+    """(H, W) of the image a token-side schedule describes."""
     h, w = _grids(schedule)[-1]
-    s = _token_stride(pipe)
-    return s * h, s * w
+    return pipe.token_stride * h, pipe.token_stride * w
 
 
 def _encode(tokenizer: torch.nn.Module, pixels: torch.Tensor, vae_schedule: Sequence[Sequence[int]]):
@@ -299,8 +292,7 @@ def scale_masks(mask: MaskInput, schedule: Sequence[Sequence[int]], grow: int = 
     grids = _grids(schedule)
     if not grids:
         raise ValueError("empty scale schedule")
-    if isinstance(grow, bool) or int(grow) != grow or grow < 0:
-        raise ValueError(f"grow must be a whole number of tokens >= 0, got {grow!r}")
+    grow = _check_whole(grow, "grow", "tokens")
     H, W = regen.shape
     gh, gw = grids[-1]
     if H % gh or W % gw or H // gh != W // gw:
@@ -311,7 +303,7 @@ def scale_masks(mask: MaskInput, schedule: Sequence[Sequence[int]], grow: int = 
     for h, w in grids:
         m = F.adaptive_max_pool2d(x, (h, w))
         if grow:
-            m = F.max_pool2d(m, kernel_size=2 * int(grow) + 1, stride=1, padding=int(grow))
+            m = F.max_pool2d(m, kernel_size=2 * grow + 1, stride=1, padding=grow)
         keep.append((m == 0).reshape(1, h * w, 1))
     return keep
 
@@ -336,10 +328,9 @@ def _autocast(pipe: Any):
     return torch.autocast(device_type=pipe.device.type, dtype=pipe.dtype)
 
 
-def _settings(pipe: Any, **overrides: Any) -> Dict[str, Any]:
-    st = dict(pipe.defaults)
-    st.update({k: v for k, v in overrides.items() if v is not None})
-    return st
+def _sampling(pipe: Any, sampling: Optional[SamplingConfig], **options: Any) -> SamplingConfig:
+    """The call's sampler options: ``sampling`` (default the pipeline's) with non-None overrides."""
+    return (sampling or pipe.sampling).replace(**options)
 
 
 def _prompt_list(prompt: Prompts, what: str = "prompt") -> List[str]:
@@ -371,34 +362,34 @@ def _check_common(output_type: str, num_images_per_prompt: int) -> None:
 
 
 def _generate_forced(pipe: Any, prompts: List[str], negative_prompt: Optional[Prompts], schedule: Any,
-                     seeds: List[int], st: Dict[str, Any], bits: List[torch.Tensor],
-                     keep: Optional[List[torch.Tensor]]) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]]]:
-    """Generate one image per prompt (each with its own generator), the given bits forced.
+                     seeds: List[int], config: SamplingConfig, bits: List[torch.Tensor],
+                     keep: Optional[List[torch.Tensor]], truncate_prompts: bool
+                     ) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]]]:
+    """Generate one image per prompt, each alone with its own generator (as ``pipe(prompt,
+    seed=s)``), the given bits forced.
 
     ``bits``: the first len(bits) scales' labels (VAE layout) to force; ``keep``: per scale the
     token keep masks (None: force the given scales everywhere).  Returns the decoded images
     (1, 3, H, W) on the CPU and the generated bit labels per image.
     """
-    text = pipe.encode_prompt(prompts)
+    text = pipe.encode_prompt(prompts, truncate_prompts=truncate_prompts)
     neg = None
     if negative_prompt is not None:
         negs = _prompt_list(negative_prompt, "negative_prompt")
-        if len(negs) == 1:
-            negs = negs * len(prompts)
-        if len(negs) != len(prompts):
-            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
-        neg = pipe.encode_prompt(negs)
+        if len(negs) not in (1, len(prompts)):
+            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} images; give one or one per prompt")
+        neg = pipe.encode_prompt(negs * len(prompts) if len(negs) == 1 else negs, truncate_prompts=truncate_prompts)
     patchify = _patchify(pipe)
     decoded, labels = [], []
     for i, s in enumerate(seeds):
         hooks = [ForceBits(bits, mask=keep, patchify=patchify)] if bits else []
         generator = torch.Generator(device=pipe.device).manual_seed(int(s))
         with _placed(pipe, pipe.transformer), _autocast(pipe):
-            out = generate(pipe.transformer, text.select([i]), schedule, negative_text=neg.select([i]) if neg else None,
-                           cfg=st["cfg"], tau=st["tau"], top_k=int(st["top_k"]), top_p=float(st["top_p"]),
-                           generator=generator, hooks=hooks)
+            out = generate(pipe.transformer, text.select([i]), schedule, config, generator=[generator], hooks=hooks,
+                           negative_text=neg.select([i]) if neg is not None else None)
         with _placed(pipe, pipe.tokenizer), _autocast(pipe):
-            decoded.append(pipe.tokenizer.decode(out.summed_codes.to(pipe.device)).float().cpu())
+            decoded.append(pipe.tokenizer.decode(out.summed_codes.to(pipe.device), dtype=config.decode_dtype,
+                                                 channels_last=config.decode_channels_last).float().cpu())
         labels.append([b.cpu() for b in out.bit_labels])
     return decoded, labels
 
@@ -416,12 +407,13 @@ def _feathered(regen: torch.Tensor, feather: int) -> torch.Tensor:
 
 def _outputs(decoded: List[torch.Tensor], output_type: str, source: _Source, alpha: Optional[torch.Tensor]):
     """Decoder outputs (1, 3, H, W) in [-1, 1] -> the requested type, blended with the source when
-    ``alpha`` (the generated image's weight, (H, W)) is given."""
+    ``alpha`` (the generated image's weight, (H, W)) is given: in float for "tensor"/"pt", on the
+    uint8 pixels (the source's own, exactly) for "pil"/"np"."""
     x = torch.cat(decoded)
-    if output_type == "tensor":
+    if output_type in ("tensor", "pt"):
         if alpha is not None:
             x = alpha * x + (1 - alpha) * source.pixels
-        return x
+        return x if output_type == "tensor" else (x + 1) / 2
     pixels = images_to_uint8(x).numpy()
     if alpha is not None:
         a = alpha.numpy()[None, :, :, None].astype(np.float64)
@@ -432,12 +424,25 @@ def _outputs(decoded: List[torch.Tensor], output_type: str, source: _Source, alp
     return [Image.fromarray(p) for p in pixels]
 
 
+def _check_whole(value: Any, name: str, unit: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a whole number of {unit} >= 0, got {value!r}")
+    return int(value)
+
+
+def _check_keep_scales(keep_scales: Any, K: int) -> int:
+    if isinstance(keep_scales, bool) or not isinstance(keep_scales, (int, np.integer)) or not 0 <= keep_scales <= K:
+        raise ValueError(f"keep_scales {keep_scales!r} is out of range: this {K}-scale schedule allows 0..{K}")
+    return int(keep_scales)
+
+
 # -- inpainting ------------------------------------------------------------------------------
 def inpaint(pipe: Any, prompt: Prompts, image: ImageInput, mask: MaskInput, *, grow: int = 0, blend: bool = False,
             feather: int = 0, keep_scales: int = 0, seed: Union[None, int, Sequence[int]] = None,
             negative_prompt: Optional[Prompts] = None, cfg: Any = None, tau: Any = None, top_k: Optional[int] = None,
-            top_p: Optional[float] = None, resolution: Any = None, schedule: Any = None,
-            num_images_per_prompt: int = 1, output_type: str = "pil", return_bits: bool = False):
+            top_p: Optional[float] = None, resolution: Any = None, num_images_per_prompt: int = 1,
+            output_type: str = "pil", truncate_prompts: bool = False, sampling: Optional[SamplingConfig] = None,
+            **options: Any) -> EditOutput:
     """Regenerate the masked region of ``image`` for ``prompt``; the rest keeps the image's bits.
 
     Args:
@@ -453,48 +458,40 @@ def inpaint(pipe: Any, prompt: Prompts, image: ImageInput, mask: MaskInput, *, g
         keep_scales: also force the first ``keep_scales`` scales everywhere (0 = the mask decides
             at every scale).
         seed: image i uses ``seed + i`` (or ``seed[i]``); None draws one.
-        cfg, tau, top_k, top_p: sampling settings (None: the pipeline's defaults).
-        resolution: pixel budget or size of the schedule (None: the pipeline's default); the
-            template is the one nearest the image's aspect ratio.  ``schedule`` gives the
-            token-side grids directly instead.
-        output_type: "pil" (list of RGB images), "np" (uint8 (N, H, W, 3)) or "tensor" (float
-            (N, 3, H, W) in [-1, 1]).
-        return_bits: return an :class:`EditOutput` (bits, masks, source) instead of the images.
+        negative_prompt: None (the learned null condition), one string or one per prompt.
+        cfg, tau, top_k, top_p, sampling, options: the sampler's settings, as for ``pipe(...)``
+            (``sampling`` default the pipeline's; the others override its fields).
+        resolution: pixel budget, pixel size or schedule (None: the pipeline's), at the template
+            nearest the image's aspect ratio (``pipe.schedule_for``).
+        output_type: "pil", "np", "pt" or "tensor", as for ``pipe(...)``.
 
-    Raises ``ValueError`` when the mask's size differs from the image's, marks no pixel, or covers
-    every token of the last scale (see the module docstring).
+    Returns an :class:`EditOutput`.  Raises ``ValueError`` when the mask's size differs from the
+    image's, marks no pixel, or covers every token of the last scale (see the module docstring).
     """
+    config = _sampling(pipe, sampling, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, **options)
     _check_common(output_type, num_images_per_prompt)
-    if isinstance(feather, bool) or int(feather) != feather or feather < 0:
-        raise ValueError(f"feather must be a whole number of pixels >= 0, got {feather!r}")
     prompts = _prompt_list(prompt)
     img = _read_image(image)
     regen = _read_mask(mask)
     h0, w0 = _size_of(img)
-    sched = schedule_for(pipe, h0 / w0, resolution, schedule)
+    sched = pipe.schedule_for(h0 / w0, resolution)
     H, W = _pixel_size(pipe, sched)
-    source = _fit_image(img, H, W)
     pixel_mask = _fit_mask(regen, (h0, w0), H, W)
-    return _inpaint_prepared(pipe, prompts, source, pixel_mask, sched, grow=grow, blend=blend, feather=feather,
-                             keep_scales=keep_scales, seed=seed, negative_prompt=negative_prompt,
-                             st=_settings(pipe, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p),
+    source = _fit_image(img, H, W)
+    return _inpaint_prepared(pipe, prompts, source, pixel_mask, sched, config, grow=grow, blend=blend,
+                             feather=feather, keep_scales=keep_scales, seed=seed, negative_prompt=negative_prompt,
                              num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                             return_bits=return_bits, extra={})
+                             truncate_prompts=truncate_prompts, extra={})
 
 
-def _check_keep_scales(keep_scales: Any, K: int) -> int:
-    if isinstance(keep_scales, bool) or not isinstance(keep_scales, (int, np.integer)) or not 0 <= keep_scales <= K:
-        raise ValueError(f"keep_scales {keep_scales!r} is out of range: this {K}-scale schedule allows 0..{K}")
-    return int(keep_scales)
-
-
-def _inpaint_prepared(pipe: Any, prompts: List[str], source: _Source, pixel_mask: torch.Tensor, sched: Any, *,
-                      grow: int, blend: bool, feather: int, keep_scales: int, seed: Any, negative_prompt: Any,
-                      st: Dict[str, Any], num_images_per_prompt: int, output_type: str, return_bits: bool,
-                      extra: Dict[str, Any]):
+def _inpaint_prepared(pipe: Any, prompts: List[str], source: _Source, pixel_mask: torch.Tensor, sched: Any,
+                      config: SamplingConfig, *, grow: int, blend: bool, feather: int, keep_scales: int, seed: Any,
+                      negative_prompt: Any, num_images_per_prompt: int, output_type: str, truncate_prompts: bool,
+                      extra: Dict[str, Any]) -> EditOutput:
     """Inpaint with the source and the pixel mask already at the schedule's pixel size."""
     K = len(sched)
     keep_scales = _check_keep_scales(keep_scales, K)
+    grow, feather = _check_whole(grow, "grow", "tokens"), _check_whole(feather, "feather", "pixels")
     if not bool(pixel_mask.any()):
         raise ValueError("the mask marks no pixel to regenerate (white / True = regenerate): nothing would change; "
                          "variations(keep_scales=<number of scales>) gives the tokenizer's reconstruction")
@@ -504,24 +501,23 @@ def _inpaint_prepared(pipe: Any, prompts: List[str], source: _Source, pixel_mask
                          "kept; use pipe(prompt) for text-to-image generation, or a smaller mask or grow")
     for k in range(keep_scales):
         keep[k] = torch.ones_like(keep[k])
-    patchify = _patchify(pipe)
-    _, image_bits = _encode(pipe.tokenizer, source.pixels, _tokenizer_grids(sched, patchify))
-    image_bits = [b.cpu() for b in image_bits]
     all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     seeds = _seeds(seed, len(all_prompts))
-    decoded, labels = _generate_forced(pipe, all_prompts, negative_prompt, sched, seeds, st, image_bits, keep)
-    alpha = _feathered(pixel_mask, feather) if blend else None
-    result = _outputs(decoded, output_type, source, alpha)
-    if not return_bits:
-        return result
-    settings = dict(st, grow=int(grow), blend=bool(blend), feather=int(feather), keep_scales=keep_scales, **extra)
-    return EditOutput(images=result, seeds=seeds, bit_labels=labels, image_bit_labels=image_bits, keep_masks=keep,
-                      pixel_mask=pixel_mask, source=source.pixels, schedule=sched, settings=settings)
+    _, image_bits = _encode(pipe.tokenizer, source.pixels, _tokenizer_grids(sched, _patchify(pipe)))
+    image_bits = [b.cpu() for b in image_bits]
+    decoded, labels = _generate_forced(pipe, all_prompts, negative_prompt, sched, seeds, config, image_bits, keep,
+                                       truncate_prompts)
+    images = _outputs(decoded, output_type, source, _feathered(pixel_mask, feather) if blend else None)
+    settings = dict(grow=grow, blend=bool(blend), feather=feather, keep_scales=keep_scales, **extra)
+    return EditOutput(images=images, seeds=seeds, sampling=config, schedule=sched, bit_labels=labels,
+                      image_bit_labels=image_bits, keep_masks=keep, pixel_mask=pixel_mask, source=source.pixels,
+                      settings=settings)
 
 
 # -- outpainting -----------------------------------------------------------------------------
 def template_ratio(aspect_ratio: Any) -> float:
-    """The template ratio ``aspect_ratio`` names (within 1%), or a ``ValueError`` listing them."""
+    """The template ratio (h/w) that ``aspect_ratio`` names (within 1%: ``2 / 3`` is ``0.666``), or
+    a ``ValueError`` listing the templates."""
     try:
         ratio = float(aspect_ratio)
     except (TypeError, ValueError):
@@ -538,9 +534,8 @@ def _placement(h: int, w: int, H: int, W: int, stride: int, anchor: str) -> Tupl
     """(left, top, width, height) of an h x w image scaled to fit a W x H canvas, sides and offsets
     in whole tokens (``stride`` px) so that no token straddles the image's edge."""
     scale = min(H / h, W / w)
-    ph = max(stride, int(round(h * scale)) // stride * stride)
-    pw = max(stride, int(round(w * scale)) // stride * stride)
-    ph, pw = min(ph, H), min(pw, W)
+    ph = min(H, max(stride, int(round(h * scale)) // stride * stride))
+    pw = min(W, max(stride, int(round(w * scale)) // stride * stride))
     vertical = "top" if "top" in anchor else "bottom" if "bottom" in anchor else "center"
     horizontal = "left" if "left" in anchor else "right" if "right" in anchor else "center"
     top = {"top": 0, "bottom": H - ph, "center": (H - ph) // 2 // stride * stride}[vertical]
@@ -549,15 +544,18 @@ def _placement(h: int, w: int, H: int, W: int, stride: int, anchor: str) -> Tupl
 
 
 def outpaint(pipe: Any, prompt: Prompts, image: ImageInput, aspect_ratio: float, *, anchor: str = "center",
-             resolution: Any = None, **kwargs: Any):
+             grow: int = 0, blend: bool = False, feather: int = 0, keep_scales: int = 0,
+             seed: Union[None, int, Sequence[int]] = None, negative_prompt: Optional[Prompts] = None, cfg: Any = None,
+             tau: Any = None, top_k: Optional[int] = None, top_p: Optional[float] = None, resolution: Any = None,
+             num_images_per_prompt: int = 1, output_type: str = "pil", truncate_prompts: bool = False,
+             sampling: Optional[SamplingConfig] = None, **options: Any) -> EditOutput:
     """Extend ``image`` to the canvas of the aspect-ratio template ``aspect_ratio`` (height / width).
 
-    The image is scaled to fit inside the canvas (the template's schedule at ``resolution``, the
-    pipeline's default when None) with its own aspect ratio, its sides and position snapped to whole
-    tokens, and placed at ``anchor`` (one of :data:`OUTPAINT_ANCHORS`).  The rest of the canvas is
-    filled with the image's mean colour and is the mask of an :func:`inpaint` (``kwargs``: its
-    keywords, e.g. ``seed``, ``grow``, ``blend``, ``cfg``, ``output_type``, ``return_bits``; with
-    ``return_bits`` the settings hold ``box`` = (left, top, width, height) of the image).
+    The canvas is the template's schedule at ``resolution`` (None: the pipeline's).  The image is
+    scaled to fit inside it with its own aspect ratio, its sides and position snapped to whole
+    tokens, and placed at ``anchor`` (one of :data:`OUTPAINT_ANCHORS`); the rest of the canvas is
+    filled with the image's mean colour and is the mask of an :func:`inpaint` (the other arguments
+    are its own).  ``settings["box"]`` of the result is (left, top, width, height) of the image.
 
     Raises ``ValueError`` for a ratio that is not a template (the list is in the message), an
     unknown anchor, or an image that already fills the canvas.
@@ -565,26 +563,14 @@ def outpaint(pipe: Any, prompt: Prompts, image: ImageInput, aspect_ratio: float,
     ratio = template_ratio(aspect_ratio)
     if anchor not in OUTPAINT_ANCHORS:
         raise ValueError(f"anchor {anchor!r}: expected one of {OUTPAINT_ANCHORS}")
-    for name in ("mask", "schedule"):
-        if name in kwargs:
-            raise TypeError(f"outpaint() takes no {name!r}: the canvas of the aspect ratio decides it")
-    output_type = kwargs.pop("output_type", "pil")
-    num = kwargs.pop("num_images_per_prompt", 1)
-    _check_common(output_type, num)
-    feather = kwargs.pop("feather", 0)
-    if isinstance(feather, bool) or int(feather) != feather or feather < 0:
-        raise ValueError(f"feather must be a whole number of pixels >= 0, got {feather!r}")
-    st = _settings(pipe, **{k: kwargs.pop(k, None) for k in ("cfg", "tau", "top_k", "top_p")})
-    options = {k: kwargs.pop(k) for k in ("grow", "blend", "keep_scales", "seed", "negative_prompt", "return_bits")
-               if k in kwargs}
-    if kwargs:
-        raise TypeError(f"outpaint() got unexpected keyword arguments {sorted(kwargs)}")
+    config = _sampling(pipe, sampling, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, **options)
+    _check_common(output_type, num_images_per_prompt)
     prompts = _prompt_list(prompt)
     img = _read_image(image)
-    sched = schedule_for(pipe, ratio, resolution)
+    sched = pipe.schedule_for(ratio, resolution)
     H, W = _pixel_size(pipe, sched)
     h, w = _size_of(img)
-    left, top, pw, ph = _placement(h, w, H, W, _token_stride(pipe), anchor)
+    left, top, pw, ph = _placement(h, w, H, W, pipe.token_stride, anchor)
     if (pw, ph) == (W, H):
         raise ValueError(f"the image ({w}x{h}) already fills the {W}x{H} canvas of aspect ratio {ratio}; "
                          "choose a template ratio farther from the image's")
@@ -595,11 +581,10 @@ def outpaint(pipe: Any, prompt: Prompts, image: ImageInput, aspect_ratio: float,
     canvas_u8[top:top + ph, left:left + pw] = placed.uint8
     regen = torch.ones(H, W, dtype=torch.bool)
     regen[top:top + ph, left:left + pw] = False
-    return _inpaint_prepared(pipe, prompts, _Source(canvas, canvas_u8), regen, sched,
-                             grow=options.get("grow", 0), blend=options.get("blend", False), feather=feather,
-                             keep_scales=options.get("keep_scales", 0), seed=options.get("seed"),
-                             negative_prompt=options.get("negative_prompt"), st=st, num_images_per_prompt=num,
-                             output_type=output_type, return_bits=options.get("return_bits", False),
+    return _inpaint_prepared(pipe, prompts, _Source(canvas, canvas_u8), regen, sched, config, grow=grow, blend=blend,
+                             feather=feather, keep_scales=keep_scales, seed=seed, negative_prompt=negative_prompt,
+                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                             truncate_prompts=truncate_prompts,
                              extra={"box": (left, top, pw, ph), "aspect_ratio": ratio, "anchor": anchor})
 
 
@@ -607,49 +592,48 @@ def outpaint(pipe: Any, prompt: Prompts, image: ImageInput, aspect_ratio: float,
 def variations(pipe: Any, image: ImageInput, prompt: Prompts = "", keep_scales: Optional[int] = None, *,
                seed: Union[None, int, Sequence[int]] = None, negative_prompt: Optional[Prompts] = None,
                cfg: Any = None, tau: Any = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-               resolution: Any = None, schedule: Any = None, num_images_per_prompt: int = 1,
-               output_type: str = "pil", return_bits: bool = False):
+               resolution: Any = None, num_images_per_prompt: int = 1, output_type: str = "pil",
+               truncate_prompts: bool = False, sampling: Optional[SamplingConfig] = None,
+               **options: Any) -> EditOutput:
     """Images that keep the first ``keep_scales`` scales of ``image``'s bits and sample the rest.
 
     ``keep_scales`` (0..K for a K-scale schedule; None: K // 2) sets how close the results stay:
     the coarse scales carry layout and colours, the fine ones detail.  0 is text-to-image
     generation (``pipe(prompt, seed=s)`` exactly); K samples nothing and returns the tokenizer's
     reconstruction without running the transformer.  ``prompt`` ("" by default) conditions the
-    sampled scales.  The other arguments are those of :func:`inpaint`.
+    sampled scales.  The other arguments are those of :func:`inpaint`; returns an :class:`EditOutput`.
     """
+    config = _sampling(pipe, sampling, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, **options)
     _check_common(output_type, num_images_per_prompt)
     prompts = _prompt_list(prompt)
     img = _read_image(image)
     h0, w0 = _size_of(img)
-    sched = schedule_for(pipe, h0 / w0, resolution, schedule)
+    sched = pipe.schedule_for(h0 / w0, resolution)
     K = len(sched)
     keep_scales = K // 2 if keep_scales is None else _check_keep_scales(keep_scales, K)
     H, W = _pixel_size(pipe, sched)
     source = _fit_image(img, H, W)
-    patchify = _patchify(pipe)
-    summed, image_bits = _encode(pipe.tokenizer, source.pixels, _tokenizer_grids(sched, patchify))
+    summed, image_bits = _encode(pipe.tokenizer, source.pixels, _tokenizer_grids(sched, _patchify(pipe)))
     image_bits = [b.cpu() for b in image_bits]
     all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     seeds = _seeds(seed, len(all_prompts))
-    st = _settings(pipe, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
     if keep_scales == K:
         # nothing to sample: the decoder on the quantizer's own sum (the tokenizer's reconstruction)
         with _placed(pipe, pipe.tokenizer), _autocast(pipe):
-            recon = pipe.tokenizer.decode(summed.to(pipe.device)).float().cpu()
+            recon = pipe.tokenizer.decode(summed.to(pipe.device), dtype=config.decode_dtype,
+                                          channels_last=config.decode_channels_last).float().cpu()
         decoded, labels = [recon.clone() for _ in seeds], [list(image_bits) for _ in seeds]
     else:
-        decoded, labels = _generate_forced(pipe, all_prompts, negative_prompt, sched, seeds, st,
-                                           image_bits[:keep_scales], None)
-    result = _outputs(decoded, output_type, source, None)
-    if not return_bits:
-        return result
-    return EditOutput(images=result, seeds=seeds, bit_labels=labels, image_bit_labels=image_bits, keep_masks=None,
-                      pixel_mask=None, source=source.pixels, schedule=sched, settings=dict(st, keep_scales=keep_scales))
+        decoded, labels = _generate_forced(pipe, all_prompts, negative_prompt, sched, seeds, config,
+                                           image_bits[:keep_scales], None, truncate_prompts)
+    return EditOutput(images=_outputs(decoded, output_type, source, None), seeds=seeds, sampling=config,
+                      schedule=sched, bit_labels=labels, image_bit_labels=image_bits, keep_masks=None,
+                      pixel_mask=None, source=source.pixels, settings={"keep_scales": keep_scales})
 
 
 # -- from a folder ---------------------------------------------------------------------------
 def inpaint_from_pretrained(pipeline: Any, prompt: Prompts, image: ImageInput, mask: MaskInput, *,
-                            device: Any = None, dtype: Any = None, **kwargs: Any):
+                            device: Any = None, dtype: Any = None, **kwargs: Any) -> EditOutput:
     """:func:`inpaint` with the pipeline loaded from a folder (or an already built pipeline).
 
     ``pipeline``: a pipeline folder (any layout :meth:`InfinityPipeline.from_pretrained` reads)

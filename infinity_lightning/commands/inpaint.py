@@ -162,6 +162,24 @@ def load_pipeline(args: argparse.Namespace):
     return InfinityPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
 
 
+def check_keep_scales(command: str, args: argparse.Namespace, pipe: Any) -> None:
+    """``--keep-scales`` against the longest schedule at ``--resolution`` (any aspect ratio); an
+    image whose own schedule is shorter is skipped with the range in the report."""
+    import warnings
+
+    from .. import scales
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            longest = max(len(pipe.schedule_for(r, args.resolution)) for r in scales.TEMPLATE_RATIOS)
+    except ValueError as e:
+        raise fail(command, f"--resolution: {e}") from None
+    if args.keep_scales > longest:
+        raise fail(command, f"--keep-scales {args.keep_scales} is out of range: the schedules at this resolution have "
+                            f"at most {longest} scales (0..{longest})")
+
+
 def save_outputs(paths: Sequence[Path], images: Sequence[Any], records: Sequence[Dict[str, Any]]) -> List[str]:
     """Write each image (PNG/JPEG/WebP by suffix) and a ``.json`` record beside it, atomically."""
     from ..io import atomic_write
@@ -176,10 +194,10 @@ def save_outputs(paths: Sequence[Path], images: Sequence[Any], records: Sequence
     return written
 
 
-def process(command: str, args: argparse.Namespace, edit: Callable[[int, str, Optional[int]], Any]) -> int:
-    """Run ``edit(index, image_path, seed)`` -> EditOutput for every image; skip and report the
-    ones that fail with a ``ValueError``/``OSError``; print the JSON summary; exit code 1 when
-    any image was skipped."""
+def process(command: str, args: argparse.Namespace, edit: Callable[[int, str, int], Any]) -> int:
+    """Run ``edit(index, image_path, seed)`` -> :class:`~infinity_lightning.editing.EditOutput` for
+    every image; skip and report the ones that fail with a ``ValueError``/``OSError``; print the
+    JSON summary; exit code 1 when any image was skipped."""
     written: List[str] = []
     skipped: List[Dict[str, str]] = []
     for i, image in enumerate(args.image):
@@ -190,8 +208,9 @@ def process(command: str, args: argparse.Namespace, edit: Callable[[int, str, Op
             print(f"infinity-lightning {command}: skipped {image}: {e}", file=sys.stderr)
             skipped.append({"image": image, "error": str(e)})
             continue
+        sampling = out.sampling.to_dict(only=("cfg", "tau", "top_k", "top_p"))
         records = [dict(out.settings, command=command, image=image, prompt=args.prompt, seed=s,
-                        negative_prompt=args.negative_prompt, pipeline=args.pipeline,
+                        negative_prompt=args.negative_prompt, pipeline=args.pipeline, sampling=sampling,
                         schedule=[list(g)[-2:] for g in out.schedule]) for s in out.seeds]
         for r in records:
             r.update(extra_record(args, i))
@@ -240,10 +259,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import editing
 
     pipe = load_pipeline(args)
+    check_keep_scales(command, args, pipe)
     common = dict(grow=args.grow, blend=args.blend, feather=args.feather, keep_scales=args.keep_scales,
                   negative_prompt=args.negative_prompt, cfg=args.cfg, tau=args.tau, top_k=args.top_k,
-                  top_p=args.top_p, resolution=args.resolution, num_images_per_prompt=args.num_images,
-                  return_bits=True)
+                  top_p=args.top_p, resolution=args.resolution, num_images_per_prompt=args.num_images)
 
     def edit(i: int, image: str, seed: int):
         if args.mask:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from .inpaint import add_common_arguments, check_common, fail, load_pipeline, process
+from .inpaint import add_common_arguments, check_common, check_keep_scales, fail, load_pipeline, process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,20 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, prompt_default="")
     parser.add_argument("--keep-scales", type=int, required=True, metavar="K",
                         help="scales of the image kept (0 .. number of scales of the schedule)")
-
-
-def _schedule_lengths(pipe, resolution) -> dict:
-    """Number of scales per aspect-ratio template at ``resolution`` (what --keep-scales may reach)."""
-    import warnings
-
-    from .. import editing, scales
-
-    lengths = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for ratio in scales.TEMPLATE_RATIOS:
-            lengths[ratio] = len(editing.schedule_for(pipe, ratio, resolution))
-    return lengths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,18 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import editing
 
     pipe = load_pipeline(args)
-    try:
-        longest = max(_schedule_lengths(pipe, args.resolution).values())
-    except ValueError as e:
-        raise fail(command, f"--resolution: {e}") from None
-    if args.keep_scales > longest:
-        raise fail(command, f"--keep-scales {args.keep_scales} is out of range: the schedules at this resolution have "
-                            f"at most {longest} scales (0..{longest})")
+    check_keep_scales(command, args, pipe)
 
     def edit(i: int, image: str, seed: int):
         return editing.variations(pipe, image, args.prompt, args.keep_scales, seed=seed,
                                   negative_prompt=args.negative_prompt, cfg=args.cfg, tau=args.tau, top_k=args.top_k,
-                                  top_p=args.top_p, resolution=args.resolution, num_images_per_prompt=args.num_images,
-                                  return_bits=True)
+                                  top_p=args.top_p, resolution=args.resolution, num_images_per_prompt=args.num_images)
 
     return process(command, args, edit)
