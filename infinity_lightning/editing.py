@@ -223,11 +223,8 @@ def _fit_mask(mask: torch.Tensor, image_hw: Tuple[int, int], tgt_h: int, tgt_w: 
 
 # -- schedules and bits ----------------------------------------------------------------------
 def _grids(schedule: Sequence[Sequence[int]]) -> List[Tuple[int, int]]:
-    out = []
-    for g in schedule:
-        g = tuple(int(v) for v in g)
-        out.append(g[-2:])
-    return out
+    """(h, w) of each scale of a schedule given as (1, h, w) or (h, w) grids."""
+    return [tuple(int(v) for v in g)[-2:] for g in schedule]
 
 
 def _tokenizer_grids(schedule: Sequence[Sequence[int]], patchify: bool) -> List[Tuple[int, int, int]]:
