@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from infinity_lightning.dtypes import parse_dtype
 from infinity_lightning.io import CheckpointError, atomic_save, atomic_save_safetensors, check_state_dict, read_weights
 from infinity_lightning.presets import (TOKENIZER_ALIASES, TOKENIZER_PRESETS, TokenizerConfig, config_to_dict,
                                         replace_config, tokenizer_config)
@@ -221,8 +222,10 @@ def _config_from_dict(stored: Mapping[str, Any], source: str) -> TokenizerConfig
 
 
 def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str] = None,
-                   config: Optional[TokenizerConfig] = None, **overrides: Any):
-    """A :class:`~infinity_lightning.models.bsq_vae.BSQVAE` in eval mode, fp32, without gradients.
+                   config: Optional[TokenizerConfig] = None, device: Union[str, torch.device] = "cpu",
+                   dtype: Optional[torch.dtype] = None, **overrides: Any):
+    """A :class:`~infinity_lightning.models.bsq_vae.BSQVAE` in eval mode, without gradients, on
+    ``device`` (default CPU), fp32 unless ``dtype`` casts its floating weights (as :func:`load_transformer`).
 
     ``path_or_preset``: a preset name (``"d32"``, ``"tiny"``; random weights, ``overrides`` are
     :class:`TokenizerConfig` fields) or a weights file (released ``{"vae": state_dict}``, plain
@@ -235,6 +238,7 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
 
     if config is not None and (preset is not None or overrides):
         raise TypeError("pass either config= or preset=/field overrides, not both")
+    dtype = parse_dtype(dtype, what="tokenizer dtype")
     path = Path(path_or_preset) if isinstance(path_or_preset, (str, os.PathLike)) else None
     if path is None:
         raise TypeError(f"load_tokenizer expects a file path or a preset name, got {type(path_or_preset).__name__}")
@@ -243,7 +247,7 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
         if preset is not None:
             raise TypeError("preset= is only used with a weights file")
         cfg = config or tokenizer_config(path_or_preset, **overrides)
-        return BSQVAE(cfg).float().eval().requires_grad_(False)
+        return BSQVAE(cfg).float().to(device=device, dtype=dtype).eval().requires_grad_(False)
     if not path.exists():
         known = sorted(TOKENIZER_PRESETS)
         raise CheckpointError(f"tokenizer {str(path_or_preset)!r} is neither an existing file nor a known preset "
@@ -284,7 +288,7 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
         raise CheckpointError(f"{source}: keys not loaded: {left + list(result.unexpected_keys)}")
     with torch.no_grad():
         model.quantizer.lfq.mask.copy_(model.quantizer.lfq.make_mask(cfg.codebook_dim))
-    return model.float().eval().requires_grad_(False)
+    return model.float().to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def tokenizer_export_state_dict(vae) -> "OrderedDict[str, torch.Tensor]":

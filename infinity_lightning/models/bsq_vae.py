@@ -467,6 +467,17 @@ class BSQVAE(nn.Module):
         self.quantizer = MultiScaleBSQ(self.codebook_dim)
         self.quantize = self.quantizer
 
+    @classmethod
+    def from_pretrained(cls, path_or_preset: Any, **kwargs: Any) -> "BSQVAE":
+        """A tokenizer from a weights file or a preset name (random weights), in eval mode.
+
+        Delegates to :func:`infinity_lightning.checkpoints.load_tokenizer` (``device=``, ``dtype=``,
+        ``config=``, ``preset=`` and :class:`TokenizerConfig` field overrides as keywords).
+        """
+        from ..checkpoints import load_tokenizer  # the loader (layer 3) builds this class
+
+        return load_tokenizer(path_or_preset, **kwargs)
+
     @property
     def stride(self) -> int:
         """Pixels per latent position."""

@@ -462,6 +462,18 @@ class InfinityTransformer(nn.Module):
         #: "exact" (the original's rounding), "fast" or "flex"; see set_attention_backend
         self.attention_backend = "exact"
 
+    @classmethod
+    def from_pretrained(cls, path_or_preset: Any, **kwargs: Any) -> "InfinityTransformer":
+        """A transformer from weights (file, sharded folder, training checkpoint) or a preset name
+        (random weights), in eval mode.
+
+        Delegates to :func:`infinity_lightning.checkpoints.load_transformer` (``device=``,
+        ``dtype=``, ``config=``, ``use_ema=`` and :class:`TransformerConfig` field overrides).
+        """
+        from ..checkpoints import load_transformer  # the loader (layer 3) builds this class
+
+        return load_transformer(path_or_preset, **kwargs)
+
     # ---- structure ---------------------------------------------------------------------------
     def block_list(self) -> List[CrossAttnBlock]:
         """All blocks in execution order."""
