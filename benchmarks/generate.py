@@ -42,9 +42,10 @@ def _sync(device: torch.device) -> None:
 
 def build_pipeline(args, device: torch.device, folder: Path):
     from infinity_lightning.checkpoints import load_tokenizer, load_transformer
-    from infinity_lightning.models.text_encoder import TextEncoder, make_tiny_t5
+    from infinity_lightning.models.text_encoder import TextEncoder
     from infinity_lightning.pipeline import InfinityPipeline
     from infinity_lightning.presets import transformer_config
+    from infinity_lightning.tiny import make_tiny_t5
 
     cfg = transformer_config(args.preset)
     t0 = time.perf_counter()
@@ -74,7 +75,7 @@ def measure(pipe, resolution: str, args, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # warm-up on the first scales (kernel selection, allocator), not counted
-    pipe(prompts[:1], seed=0, resolution=16 * 4, output_type="tensor")
+    pipe(prompts[:1], seed=0, resolution=16 * 4, output_type="tensor", progress=False)
 
     _sync(device)
     t0 = time.perf_counter()
@@ -84,14 +85,14 @@ def measure(pipe, resolution: str, args, device: torch.device) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     out = pipe(prompt_embeds=feats, seed=0, resolution=resolution, output_type="tensor", batch_size=args.batch_size,
-               cfg=3.0, tau=1.0)
+               cfg=3.0, tau=1.0, progress=False)
     _sync(device)
     without_text, without_text_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     if args.measure_with_text:
         t0 = time.perf_counter()
         pipe(prompts, seed=0, resolution=resolution, output_type="tensor", batch_size=args.batch_size, cfg=3.0,
-             tau=1.0)
+             tau=1.0, progress=False)
         _sync(device)
         with_text, how = time.perf_counter() - t0, "measured"
     else:
@@ -114,7 +115,7 @@ def measure(pipe, resolution: str, args, device: torch.device) -> dict:
     n = args.num_images
     L = schedule.num_tokens
     return {
-        "resolution": resolution, "pixels": list(out.shape[-2:]), "scales": len(schedule), "tokens_per_image": L,
+        "resolution": resolution, "pixels": list(out.images.shape[-2:]), "scales": len(schedule), "tokens_per_image": L,
         "images": n, "batch_size": args.batch_size, "cfg": 3.0,
         "seconds_per_image_without_text": round(without_text / n, 3),
         "seconds_per_image_with_text": round(with_text / n, 3),

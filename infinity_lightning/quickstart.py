@@ -454,7 +454,8 @@ def _run(out: Union[str, Path], *, budget_minutes: float, seed: int, num_eval_pr
         f"device {dev}{', quick smoke run' if quick else ''})")
 
     # -- 1. text encoder ---------------------------------------------------------------------
-    from .models.text_encoder import TextEncoder, make_tiny_t5
+    from .models.text_encoder import TextEncoder
+    from .tiny import make_tiny_t5
 
     with clock.phase("text_encoder"):
         te_dir = out / "text_encoder"

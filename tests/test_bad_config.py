@@ -111,7 +111,8 @@ def test_unknown_pixel_budget_and_resolution(tmp_path):
 
 # -- prompts longer than the text encoder takes ---------------------------------------------------
 def test_prompt_longer_than_the_text_encoder_takes(tmp_path):
-    from infinity_lightning.models.text_encoder import PromptTruncatedWarning, TextEncoder, make_tiny_t5
+    from infinity_lightning.models.text_encoder import PromptTruncatedWarning, TextEncoder
+    from infinity_lightning.tiny import make_tiny_t5
 
     folder = make_tiny_t5(tmp_path / "t5", ["a red circle on a blue square"] * 4)
     long_prompt = " ".join(["a red circle"] * 20)

@@ -17,7 +17,9 @@ from torch.utils.data import SequentialSampler
 
 from infinity_lightning.lit.predict import (ImageWriter, InfinityPredictor, PromptRecordDataset, prompt_dataloader,
                                             prompt_records, read_prompts_file)
-from infinity_lightning.pipeline import InfinityPipeline, make_tiny_pipeline
+from infinity_lightning.pipeline import InfinityPipeline
+from infinity_lightning.sampling import SamplingConfig
+from infinity_lightning.tiny import make_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_predict_writes_one_png_and_json_per_prompt(pipe, tmp_path):
                                     "seed": 100}, "a bowl of fruit"]
     records = prompt_records(prompts, seed=40)
     assert [(r["index"], r["seed"]) for r in records] == [(0, 40), (1, 100), (2, 42)]
-    module = InfinityPredictor(pipe, resolution=64, tau=0.8)
+    module = InfinityPredictor(pipe, pipe.sampling.replace(tau=0.8), resolution=64)
     trainer = _trainer(tmp_path / "out")
     trainer.predict(module, prompt_dataloader(records, batch_size=2), return_predictions=False)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -67,8 +69,28 @@ def test_predict_step_returns_images_and_records(pipe):
     out = module.predict_step(batch, 0)
     assert [r["index"] for r in out["records"]] == [7, 8]
     assert out["images"][0].size == (64, 64) and out["images"][1].size[0] > out["images"][1].size[1]
-    with pytest.raises(TypeError, match="unknown generation settings"):
-        InfinityPredictor(pipe, guidance=2.0)
+    assert out["records"][0]["settings"] == {**pipe.sampling.to_dict(), "resolution": 64}
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig, got dict"):
+        InfinityPredictor(pipe, {"cfg": 2.0})
+    with pytest.raises(ValueError, match="resolution 'huge'"):
+        InfinityPredictor(pipe, resolution="huge")
+
+
+def test_predictor_passes_one_sampling_config(pipe):
+    config = SamplingConfig(cfg=1.0, tau=0.5, top_k=2)
+    module = InfinityPredictor(pipe, config, resolution=64)
+    assert module.sampling is config
+    out = module.predict_step([{"prompt": "a photo of a dog", "seed": 6, "index": 0}])
+    direct = pipe("a photo of a dog", seed=6, resolution=64, sampling=config, output_type="np")[0]
+    np.testing.assert_array_equal(np.asarray(out["images"][0]), direct)
+    assert (np.asarray(out["images"][0]) != pipe("a photo of a dog", seed=6, resolution=64, output_type="np")[0]).any()
+    assert out["records"][0]["settings"]["tau"] == 0.5 and out["records"][0]["settings"]["cfg"] == 1.0
+    long_prompt = " ".join(["a red apple on a wooden table"] * 8)
+    with pytest.raises(ValueError, match="prompt 0 has .* tokens, more than the 32"):
+        module.predict_step([{"prompt": long_prompt, "seed": 6, "index": 0}])
+    lenient = InfinityPredictor(pipe, config, resolution=64, truncate_prompts=True)
+    with pytest.warns(UserWarning, match="are cut to 32 tokens"):
+        assert lenient.predict_step([{"prompt": long_prompt, "seed": 6, "index": 0}])["images"][0].size == (64, 64)
 
 
 def test_records_split_across_ranks_without_repeats():

@@ -9,14 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from infinity_lightning.models.text_encoder import (
-    PromptTruncatedWarning,
-    TextEncoder,
-    TextFeatures,
-    build_sentencepiece_vocab,
-    flan_t5_xl_config,
-    make_tiny_t5,
-)
+from infinity_lightning.models.text_encoder import PromptTruncatedWarning, TextEncoder, TextFeatures, flan_t5_xl_config
+from infinity_lightning.tiny import build_sentencepiece_vocab, make_tiny_t5
 
 PROMPTS = ["a photo of a dog", "cat", "a red apple on a wooden table"]
 

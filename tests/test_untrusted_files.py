@@ -80,7 +80,8 @@ def test_load_transformer_and_load_tokenizer_refuse_code(tmp_path, marker):
 
 
 def test_pipeline_refuses_code_in_either_component(tmp_path, marker):
-    from infinity_lightning.pipeline import InfinityPipeline, make_tiny_pipeline
+    from infinity_lightning.pipeline import InfinityPipeline
+    from infinity_lightning.tiny import make_tiny_pipeline
 
     folder = make_tiny_pipeline(tmp_path / "pipe", layout="generic")
     good_transformer = tmp_path / "transformer.pth"

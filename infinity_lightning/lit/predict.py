@@ -9,7 +9,7 @@ Example::
 
     records = prompt_records(["a dog", "a cat"], seed=0)
     trainer = Trainer(accelerator="cpu", devices=1, callbacks=[ImageWriter("out")], logger=False)
-    trainer.predict(InfinityPredictor(pipe, cfg=3.0), prompt_dataloader(records, batch_size=1),
+    trainer.predict(InfinityPredictor(pipe, pipe.sampling.replace(cfg=3.0)), prompt_dataloader(records, batch_size=1),
                     return_predictions=False)
 
 Because the pipeline samples each image from its own seed, the image of a record equals
@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..io import atomic_write
+from ..sampling import SamplingConfig
 
 __all__ = ["InfinityPredictor", "ImageWriter", "PromptRecordDataset", "prompt_records", "read_prompts_file",
            "prompt_dataloader", "collate_records"]
@@ -125,30 +126,38 @@ def _as_records(batch: Any) -> List[Dict[str, Any]]:
 
 
 # -- the module -------------------------------------------------------------------------------
+def _jsonable_resolution(resolution: Any) -> Any:
+    return resolution.to_dict() if hasattr(resolution, "to_dict") else resolution
+
+
 class InfinityPredictor(pl.LightningModule):
     """Wraps an :class:`~infinity_lightning.pipeline.InfinityPipeline` for ``Trainer.predict``.
 
     Args:
         pipeline: the pipeline (its components become submodules, so Lightning places them).
+        sampling: the :class:`~infinity_lightning.sampling.SamplingConfig` of every image (default:
+            the pipeline's).
+        resolution: pixel budget, pixel size or schedule (default: the pipeline's).
         batch_size: images per transformer batch inside a step (1: every image exactly as a
             direct pipeline call with its seed; see the pipeline's notes on batching).
-        **settings: sampling settings passed to every call: ``cfg``, ``tau``, ``top_k``,
-            ``top_p``, ``resolution``, ``cfg_insertion_layer``.
+        truncate_prompts: cut prompts longer than the transformer's text length instead of failing.
 
+    Each record brings its own prompt, seed, aspect ratio (``h_div_w``) and negative prompt.
     ``predict_step(batch)`` takes a list of records (or a collated dict of lists) and returns
     ``{"images": [PIL images], "records": [records with the settings used]}``.
     """
 
-    SETTINGS = ("cfg", "tau", "top_k", "top_p", "resolution", "cfg_insertion_layer")
-
-    def __init__(self, pipeline, batch_size: Optional[int] = 1, **settings: Any):
+    def __init__(self, pipeline, sampling: Optional[SamplingConfig] = None, *, resolution: Any = None,
+                 batch_size: Optional[int] = 1, truncate_prompts: bool = False):
         super().__init__()
-        unknown = sorted(set(settings) - set(self.SETTINGS))
-        if unknown:
-            raise TypeError(f"unknown generation settings {unknown}; expected {list(self.SETTINGS)}")
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         self.pipeline = pipeline
+        self.sampling = sampling if sampling is not None else pipeline.sampling
+        self.resolution = resolution if resolution is not None else pipeline.resolution
+        pipeline.schedule_for(1.0, self.resolution)  # a bad resolution fails here, before the loop
         self.batch_size = batch_size
-        self.settings = {k: v for k, v in settings.items() if v is not None}
+        self.truncate_prompts = bool(truncate_prompts)
         if not pipeline.offload:
             # as submodules they follow the Trainer's device placement
             self.transformer = pipeline.transformer
@@ -172,14 +181,15 @@ class InfinityPredictor(pl.LightningModule):
                                 negative_prompt=[r["negative_prompt"] for r in recs] if has_neg else None,
                                 seed=[int(r["seed"]) for r in recs],
                                 aspect_ratio=[float(r.get("h_div_w", 1.0)) for r in recs],
-                                batch_size=self.batch_size, output_type="pil", **self.settings)
+                                sampling=self.sampling, resolution=self.resolution, batch_size=self.batch_size,
+                                truncate_prompts=self.truncate_prompts, output_type="pil", progress=False)
             for (i, _), img in zip(part, out):
                 images[i] = img
-        used = self.pipeline.settings(**self.settings)
+        settings = {**self.sampling.to_dict(), "resolution": _jsonable_resolution(self.resolution)}
         out_records = []
         for i, r in enumerate(records):
             rec = dict(r)
-            rec["settings"] = {k: v for k, v in used.items()}
+            rec["settings"] = dict(settings)
             rec["width"], rec["height"] = images[i].size
             out_records.append(rec)
         return {"images": [images[i] for i in range(len(records))], "records": out_records}
