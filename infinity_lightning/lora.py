@@ -10,7 +10,7 @@ Typical use::
 
     model = load_transformer("2b-weights.pth")
     add_lora(model, LoraSettings(rank=32, alpha=32))    # base frozen, only lora_A / lora_B train
-    ...train...                                         # BEFORE parallelize()/fully_shard, see below
+    ...train...                                         # (parallelize()/DDP after add_lora, see below)
     save_lora(model, "out/style")                       # adapter_model.safetensors + adapter_config.json
 
     model = load_transformer("2b-weights.pth")
@@ -36,10 +36,12 @@ a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` whose ke
 8-bit base weights (``add_lora(..., quantize_base="8bit")``): the targeted Linears become
 bitsandbytes ``Linear8bitLt`` (int8 weights with one fp32 scale per output row, LLM.int8 with
 outlier threshold 6) and PEFT wraps them with its bitsandbytes LoRA layer.  This runs on CPU with
-bitsandbytes >= 0.45 (forward and backward; bitsandbytes multiplies with the dequantized weight
-there).  Not with FSDP2 (int8 parameters cannot be DTensor shards).  :func:`merge_lora` folds the
-adapter into the dequantized weight and gives fp32 Linears; :func:`unload_lora` keeps the int8
-layers (the never-quantized weights are not kept).
+bitsandbytes >= 0.45, forward and backward: in training mode bitsandbytes multiplies by the
+dequantized weight there, in eval mode it also quantizes the activations to int8 (LLM.int8, about
+5e-3 relative per layer).  Not with FSDP2 (int8 parameters cannot be DTensor shards).
+:func:`merge_lora` folds the adapter into the dequantized weight and gives fp32 Linears (equal to
+the training-mode outputs within fp32 rounding); :func:`unload_lora` keeps the int8 layers (the
+never-quantized weights are not kept).
 
 Lightning checkpoints: :func:`lora_checkpoint_filter` keeps only the adapter weights of a module's
 state dict (``on_save_checkpoint``); :func:`lora_checkpoint_restore` fills the frozen weights back
@@ -66,6 +68,7 @@ __all__ = [
     "LoraSettings",
     "LoraCounts",
     "add_lora",
+    "resolve_targets",
     "lora_adapters",
     "lora_state_dict",
     "save_lora",
@@ -161,7 +164,8 @@ class LoraSettings:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0 \
                 or not math.isfinite(self.alpha):
             raise ValueError(f"LoraSettings.alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout!r}")
         targets = (self.targets,) if isinstance(self.targets, str) else self.targets
         try:
@@ -236,12 +240,14 @@ def _base(module: nn.Module) -> nn.Module:
 
 def _linear_names(module: nn.Module) -> List[str]:
     """Names of the Linears (plain, 8-bit or adapter-wrapped) of ``module``, adapter internals left out."""
-    return [name for name, m in module.named_modules() if name and not _is_internal(name) and isinstance(_base(m), nn.Linear)]
+    return [name for name, m in module.named_modules()
+            if name and not _is_internal(name) and isinstance(_base(m), nn.Linear)]
 
 
 def _blocks(transformer: nn.Module) -> List[nn.Module]:
     if not hasattr(transformer, "block_list"):
-        raise TypeError(f"LoRA helpers expect an InfinityTransformer (with block_list()), got {type(transformer).__name__}")
+        raise TypeError("LoRA helpers expect an InfinityTransformer (with block_list()), "
+                        f"got {type(transformer).__name__}")
     return transformer.block_list()
 
 
@@ -257,7 +263,8 @@ def _check_plain(transformer: nn.Module, what: str) -> None:
                         "inject LoRA before wrapping the model in DDP")
     if _has_dtensors(transformer):
         raise RuntimeError(f"{what}: the transformer is already sharded with FSDP2 (fully_shard); inject LoRA "
-                           "before parallelize()/fully_shard, e.g. add_lora(model, settings) and then parallelize(model, mesh)")
+                           "before parallelize()/fully_shard, e.g. add_lora(model, settings) and then "
+                           "parallelize(model, mesh)")
 
 
 def _has_dtensors(module: nn.Module) -> bool:
@@ -473,7 +480,8 @@ def lora_adapters(transformer: nn.Module) -> Dict[str, Dict[str, Any]]:
         if layers:
             m = layers[0]
             scale = m.scaling[name] / (m.lora_alpha[name] / m.r[name])
-        trainable = any(p.requires_grad for m in layers for p in (*m.lora_A[name].parameters(), *m.lora_B[name].parameters()))
+        trainable = any(p.requires_grad for m in layers
+                        for p in (*m.lora_A[name].parameters(), *m.lora_B[name].parameters()))
         out[name] = {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "scale": scale, "active": name in active,
                      "trainable": trainable, "layers": len(layers)}
     return out
@@ -490,7 +498,8 @@ def set_lora_scale(transformer: nn.Module, adapter_name: str, scale: float) -> N
         m.set_scale(adapter_name, scale)
 
 
-def set_adapters(transformer: nn.Module, adapter_names: Sequence[str], weights: Optional[Sequence[float]] = None) -> None:
+def set_adapters(transformer: nn.Module, adapter_names: Sequence[str],
+                 weights: Optional[Sequence[float]] = None) -> None:
     """Activate exactly ``adapter_names`` (the others stay loaded but unused), with per-adapter
     scales ``weights`` (default: leave each adapter's scale as it is)."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -565,10 +574,12 @@ def _read_adapter(path: PathLike):
     if not p.exists():
         raise CheckpointError(f"LoRA adapter folder not found: {p}")
     if not p.is_dir():
-        raise CheckpointError(f"LoRA adapter path {p} is a file; expected a folder with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+        raise CheckpointError(f"LoRA adapter path {p} is a file; expected a folder with {ADAPTER_CONFIG} "
+                              f"and {ADAPTER_WEIGHTS}")
     cfg_file = p / ADAPTER_CONFIG
     if not cfg_file.exists():
-        raise CheckpointError(f"LoRA adapter folder {p} holds no {ADAPTER_CONFIG} (written by save_lora or PEFT's save_pretrained)")
+        raise CheckpointError(f"LoRA adapter folder {p} holds no {ADAPTER_CONFIG} (written by save_lora or "
+                              "PEFT's save_pretrained)")
     try:
         data = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -628,7 +639,8 @@ def load_lora(transformer: nn.Module, path: PathLike, adapter_name: Optional[str
     adapter_name = _free_name(transformer) if adapter_name is None else adapter_name
     _check_name(adapter_name)
     if adapter_name in _configs(transformer):
-        raise ValueError(f"a LoRA adapter named {adapter_name!r} is already in the transformer; pass another adapter_name")
+        raise ValueError(f"a LoRA adapter named {adapter_name!r} is already in the transformer; "
+                         "pass another adapter_name")
     if hasattr(transformer, "config"):
         from .transformer_checkpoints import rename_block_keys
 
@@ -661,7 +673,8 @@ def load_lora(transformer: nn.Module, path: PathLike, adapter_name: Optional[str
             problems.append(f"shape mismatches ({format_key_list(wrong, 3)})")
         raise CheckpointError(f"LoRA adapter {weights} does not match this transformer: {'; '.join(problems)}")
     with torch.no_grad():
-        peft.functional.set_peft_model_state_dict(transformer, {k: v.float() for k, v in sd.items()}, adapter_name=adapter_name)
+        peft.functional.set_peft_model_state_dict(transformer, {k: v.float() for k, v in sd.items()},
+                                                  adapter_name=adapter_name)
     for name, p in transformer.named_parameters():
         if not is_lora_key(name):
             p.requires_grad_(False)  # the base is frozen while adapters are in (unload_lora restores it)
