@@ -90,6 +90,8 @@ def test_generate_argument_errors(folder, tmp_path, capsys):
     with pytest.raises(SystemExit, match="outside the templates"):
         main(["generate", "--pipeline", str(folder), "--prompt", "a", "--aspect-ratio", "9",
               "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="generate: --device 'tpu': expected cpu, cuda or auto"):
+        main(["generate", "--pipeline", str(folder), "--prompt", "a", "--device", "tpu", "--out", str(tmp_path / "o")])
     for flag in ("--num-images", "--batch-size", "--devices"):
         with pytest.raises(SystemExit):
             main(["generate", "--pipeline", str(folder), "--prompt", "a", flag, "0", "--out", str(tmp_path / "o")])

@@ -167,6 +167,17 @@ def test_everything_is_checked_before_any_work(pipe, monkeypatch):
         pipe([PROMPT, LONG_PROMPT], resolution=64)
 
 
+def test_resolution_and_aspect_ratio_outside_the_templates(pipe):
+    with pytest.raises(ValueError, match=r"aspect ratio \(h/w\) 10.0 is outside the templates \(0.333 ... 3.0\)"):
+        pipe(PROMPT, aspect_ratio=10.0, resolution=64)
+    with pytest.raises(ValueError, match="resolution 4096 is larger than the largest schedule"):
+        pipe(PROMPT, resolution=4096)
+    with pytest.warns(UserWarning, match="resolution 110 is not a schedule size; using the nearest, 96x96 px"):
+        assert pipe(PROMPT, seed=1, resolution=110, output_type="np").images.shape == (1, 96, 96, 3)
+    with pytest.raises(ValueError, match="unknown pixel budget|resolution '2M'"):
+        InfinityPipeline(pipe.transformer, pipe.tokenizer, pipe.text_encoder, device="cpu", resolution="2M")
+
+
 def test_prompt_length_check_and_truncation(pipe):
     assert pipe.text_length == 32 == pipe.transformer.config.text_maxlen
     n_tokens = len(pipe.text_encoder.tokenizer(LONG_PROMPT)["input_ids"])

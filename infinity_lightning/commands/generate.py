@@ -124,7 +124,7 @@ def _accelerator(device: str) -> str:
         return "gpu"
     if device == "cpu":
         return "cpu"
-    raise SystemExit(f"generate: --device {device!r}: expected cpu, cuda or auto")
+    raise ValueError(f"--device {device!r}: expected cpu, cuda or auto")
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -207,7 +207,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = _sampling_from_args(args)
     _check_records(records, args)
     _check_out(args.out)
-    accelerator = _accelerator(args.device)
+    try:
+        accelerator = _accelerator(args.device)
+    except ValueError as e:
+        raise SystemExit(f"generate: {e}") from None
     model = {k: getattr(args, k) for k in ("pipeline", "variant", "transformer", "tokenizer", "text_encoder")
              if getattr(args, k)}
     writer = ImageWriter(args.out, overwrite=args.overwrite, extra={"model": model, "dtype": args.dtype})
