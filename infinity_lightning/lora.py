@@ -70,6 +70,7 @@ __all__ = [
     "add_lora",
     "resolve_targets",
     "lora_adapters",
+    "lora_configs",
     "lora_state_dict",
     "save_lora",
     "load_lora",
@@ -394,7 +395,8 @@ def add_lora(transformer: nn.Module, settings: Optional[LoraSettings] = None, ad
 
 
 def _inject(transformer: nn.Module, config: Any, adapter_name: str, eight_bit: bool) -> None:
-    """``peft.inject_adapter_in_model`` without PEFT changing which parameters train."""
+    """``peft.inject_adapter_in_model`` without PEFT changing which parameters train; the adapter
+    weights are fp32 whatever the base dtype."""
     peft = _peft()
     with _quiet_peft(), _keep_requires_grad(transformer):
         if eight_bit:  # PEFT picks its bitsandbytes LoRA layer only for a model flagged as 8-bit
@@ -403,6 +405,8 @@ def _inject(transformer: nn.Module, config: Any, adapter_name: str, eight_bit: b
             peft.functional.inject_adapter_in_model(config, transformer, adapter_name)
         finally:
             transformer.__dict__.pop("is_loaded_in_8bit", None)
+        # adapters on bf16 blocks (cast_blocks) are created in bf16: keep them fp32 (master weights)
+        peft.functional.cast_adapter_dtype(transformer, adapter_name, autocast_adapter_dtype=True)
 
 
 def _trainable(name: str, adapter_name: str, bias: str, transformer: nn.Module) -> bool:
@@ -485,6 +489,12 @@ def lora_adapters(transformer: nn.Module) -> Dict[str, Dict[str, Any]]:
         out[name] = {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "scale": scale, "active": name in active,
                      "trainable": trainable, "layers": len(layers)}
     return out
+
+
+def lora_configs(transformer: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """``{adapter name: adapter_config.json contents}``: JSON-able PEFT configs of the adapters,
+    e.g. to keep beside an adapter-only Lightning checkpoint."""
+    return {name: _config_dict(cfg) for name, cfg in _configs(transformer).items()}
 
 
 def set_lora_scale(transformer: nn.Module, adapter_name: str, scale: float) -> None:

@@ -295,6 +295,32 @@ def test_two_adapters_side_by_side(trained):
     assert torch.equal(run(model), trained["adapted"])
 
 
+def test_adapters_on_the_fast_attention_path_and_on_bf16_blocks(trained):
+    fast = tiny()
+    lora.load_lora(fast, trained["folder"])
+    fast.set_attention_backend("fast")
+    scale = float(trained["adapted"].abs().max())
+    torch.testing.assert_close(run(fast), trained["adapted"], rtol=0, atol=1e-5 * scale)
+
+    half = tiny().cast_blocks(torch.bfloat16)          # the released inference setting
+    counts = lora.add_lora(half, SETTINGS, adapter_name="fresh")
+    assert {p.dtype for n, p in half.named_parameters() if p.requires_grad} == {torch.float32}
+    assert counts.trainable == 2944 * 4
+    lora.unload_lora(half)
+    lora.load_lora(half, trained["folder"])
+    assert {p.dtype for n, p in half.named_parameters() if lora.is_lora_key(n)} == {torch.float32}
+    text, x = inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = half(text, x, SCHEDULE).float()
+    # bf16 blocks alone move the tiny model's logits by about 7e-3 (relative)
+    assert float((adapted - trained["adapted"]).norm() / trained["adapted"].norm()) < 3e-2
+    lora.merge_lora(half)
+    assert half.block_list()[0].ffn.fc1.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = half(text, x, SCHEDULE).float()
+    assert float((merged - adapted).norm() / adapted.norm()) < 2e-2   # the update rounded into bf16 weights
+
+
 # ---------------------------------------------------------------------------------------------
 # unload and merge
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +371,10 @@ def test_checkpoint_filter_keeps_only_adapters_and_restore_fills_the_rest():
     assert sum(v.numel() for v in saved.values()) == 2944 * 4
     kept = lora.lora_checkpoint_filter(module_sd, keep=["transformer.head.bias"])
     assert set(kept) == set(saved) | {"transformer.head.bias"}
+
+    configs = lora.lora_configs(model)
+    assert list(configs) == ["default"] and configs["default"]["r"] == 4 and configs["default"]["peft_type"] == "LORA"
+    json.dumps(configs)                       # storable in a checkpoint as it is
 
     fresh = tiny()
     lora.add_lora(fresh, SETTINGS)
