@@ -10,7 +10,9 @@ control it, and this callback sets both on the LightningModule before every trai
   (``noise_apply_layers``, 13 in train.sh; 0 turns the correction off).
 
 The original keeps both constant; ``mode="linear"`` or ``"cosine"`` ramps them from start to end
-values between ``start_step`` and ``end_step``.  The values are a pure function of
+values between ``start_step`` and ``end_step``.  Validation uses its own pair
+(``pl_module.val_bsc_strength``, ``pl_module.val_bsc_layers``; off by default, the original's
+validation script used 0.2): this callback is the one place a recipe configures the correction.  The values are a pure function of
 ``trainer.global_step`` (optimizer steps), so a resumed run continues the ramp with nothing saved.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SelfCorrectionSchedule(Callback):
         start_strength, start_layers: values at and before ``start_step`` (ramps only).
         start_step, end_step: the ramp runs over optimizer steps [start_step, end_step]; after
             ``end_step`` the end values hold.
+        val_strength, val_layers: flips in validation (default none).
         log: log ``bsc/strength`` and ``bsc/layers`` every step.
 
     ``layers`` is interpolated as a float and rounded half up to an int.
@@ -42,13 +45,14 @@ class SelfCorrectionSchedule(Callback):
 
     def __init__(self, strength: float = 0.3, layers: int = 13, mode: str = "constant",
                  start_strength: float = 0.0, start_layers: int = 0, start_step: int = 0,
-                 end_step: Optional[int] = None, log: bool = True) -> None:
+                 end_step: Optional[int] = None, val_strength: float = 0.0, val_layers: int = 0,
+                 log: bool = True) -> None:
         if mode not in _MODES:
             raise ValueError(f"SelfCorrectionSchedule mode must be one of {_MODES}, got {mode!r}")
-        for name, value in (("strength", strength), ("start_strength", start_strength)):
+        for name, value in (("strength", strength), ("start_strength", start_strength), ("val_strength", val_strength)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"SelfCorrectionSchedule {name} must be in [0, 1], got {value}")
-        for name, value in (("layers", layers), ("start_layers", start_layers)):
+        for name, value in (("layers", layers), ("start_layers", start_layers), ("val_layers", val_layers)):
             if int(value) != value or value < 0:
                 raise ValueError(f"SelfCorrectionSchedule {name} must be a non-negative int, got {value}")
         if mode != "constant":
@@ -62,6 +66,8 @@ class SelfCorrectionSchedule(Callback):
         self.start_layers = int(start_layers)
         self.start_step = int(start_step)
         self.end_step = end_step
+        self.val_strength = float(val_strength)
+        self.val_layers = int(val_layers)
         self.log = log
 
     def values_at(self, step: int) -> Tuple[float, int]:
@@ -85,6 +91,12 @@ class SelfCorrectionSchedule(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Set the attributes before any sanity-check validation reads them.
         self._apply(trainer, pl_module)
+        pl_module.val_bsc_strength = self.val_strength
+        pl_module.val_bsc_layers = self.val_layers
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.val_bsc_strength = self.val_strength
+        pl_module.val_bsc_layers = self.val_layers
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         strength, layers = self._apply(trainer, pl_module)

@@ -26,6 +26,7 @@ from .captions import select_caption
 from .emoji import EmojiDataModule, list_emoji, render_emoji
 from .folder import ImageFolderDataModule
 from .jsonl import JsonlDataModule
+from .latents import LatentsDataModule, precompute_latents
 from .prompts import PromptDataModule, read_prompts
 from .shapes import (
     ShapeObject,
@@ -47,6 +48,7 @@ DATAMODULES: Dict[str, Type[L.LightningDataModule]] = {
     "folder": ImageFolderDataModule,
     "emoji": EmojiDataModule,
     "prompts": PromptDataModule,
+    "latents": LatentsDataModule,
 }
 
 try:  # tokenizer-training photo crops (needs scikit-image at build time, not at import)
@@ -83,6 +85,7 @@ __all__ = [
     "ImageTextDataModule",
     "IndexedSource",
     "JsonlDataModule",
+    "LatentsDataModule",
     "PromptDataModule",
     "ShapeObject",
     "ShapeSpec",
@@ -98,6 +101,7 @@ __all__ = [
     "list_emoji",
     "open_image",
     "parse_caption",
+    "precompute_latents",
     "read_prompts",
     "render_emoji",
     "render_shapes",

@@ -4,7 +4,7 @@ scikit-image bundles about a dozen real photos (astronaut, chelsea the cat, coff
 Hubble deep field, ...); scikit-learn (``load_sample_images``: china, flower) and matplotlib
 (grace_hopper) add a few more when they are installed.  Nothing is downloaded.  Every sample is a
 random square crop (side between ``min_crop`` and 1 of the photo's short side), optionally
-mirrored, resized to ``size`` x ``size``; validation crops are fixed by ``seed``.  Few photos, many
+mirrored, resized to ``image_size`` x ``image_size``; validation crops are fixed by ``seed``.  Few photos, many
 crops: enough to see a small tokenizer learn, not a benchmark.
 """
 from __future__ import annotations
@@ -177,7 +177,7 @@ class PhotoCropsDataModule(_Base):
     """LightningDataModule of random crops of bundled real photos (see the module docstring).
 
     Args:
-        size: output side in pixels (a multiple of the tokenizer stride).
+        image_size: output side in pixels (a multiple of the tokenizer stride).
         photos: photo names (default: every colour photo available, see :func:`available_photos`).
         train_samples / val_samples: crops per training epoch / in the fixed validation set.
         batch_size, num_workers: DataLoader settings (validation uses ``val_batch_size`` or
@@ -187,13 +187,13 @@ class PhotoCropsDataModule(_Base):
         seed: seed of the validation crops.
     """
 
-    def __init__(self, size: int = 64, photos: Optional[Sequence[str]] = None, train_samples: int = 512,
+    def __init__(self, image_size: int = 64, photos: Optional[Sequence[str]] = None, train_samples: int = 512,
                  val_samples: int = 16, batch_size: int = 8, val_batch_size: Optional[int] = None,
                  num_workers: int = 0, min_crop: float = 0.35, hflip: bool = True, seed: int = 0):
         super().__init__()
-        if size < 8:
-            raise ValueError(f"size must be at least 8 pixels, got {size}")
-        self.size, self.train_samples, self.val_samples = int(size), int(train_samples), int(val_samples)
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+        self.size, self.train_samples, self.val_samples = int(image_size), int(train_samples), int(val_samples)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
         self.num_workers, self.min_crop, self.hflip, self.seed = int(num_workers), float(min_crop), hflip, int(seed)

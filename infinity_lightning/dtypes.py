@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["parse_dtype", "DTYPE_NAMES", "dtype_name"]
+__all__ = ["parse_dtype", "DTYPE_NAMES", "dtype_name", "native_bf16", "auto_precision"]
 
 #: Accepted spellings (lower case) -> dtype.  Lightning precision strings map to their compute dtype.
 DTYPE_NAMES = {
@@ -42,3 +42,25 @@ def parse_dtype(value: Union[None, str, torch.dtype], allowed: Optional[Sequence
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a dtype (``fp32``, ``bf16``, ``fp16``), or its torch name."""
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether ``device_type`` computes bf16 matrix products natively (CUDA with bf16 support, or
+    a CPU with AVX-512 bf16 / AMX); elsewhere bf16 is emulated and far slower than fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def auto_precision(accelerator: str = "auto") -> str:
+    """The Lightning precision ``"auto"`` stands for: ``bf16-mixed`` where bf16 is native on the
+    chosen accelerator, ``32-true`` otherwise."""
+    accelerator = str(accelerator or "auto").lower()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if native_bf16("cuda") else "32-true"
+    return "bf16-mixed" if native_bf16("cpu") else "32-true"

@@ -22,7 +22,7 @@ into tokens of 4d bits (token channel 4c + 2dy + dx).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +127,22 @@ def teacher_forcing_inputs(raw: torch.Tensor, vae_schedule: Sequence[Sequence[in
                 inputs.append(_to_tokens(nxt, patchify))
         x = torch.cat(inputs, dim=1) if inputs else feats.new_zeros(B, 0, d * (4 if patchify else 1))
     return SelfCorrectionOutput(inputs=x, labels=torch.cat(labels, dim=1), flip_masks=masks, flipped_labels=flipped)
+
+
+def draw_flip_masks(vae_schedule: Sequence[Sequence[int]], batch_size: int, bits: int, layers: int,
+                    strength: float, p_generator: torch.Generator, mask_generator: torch.Generator,
+                    device: Union[str, torch.device]) -> List[torch.Tensor]:
+    """Bitwise Self-Correction flip masks for scales ``0 .. layers-1`` (spec 3).
+
+    Per scale one probability ``p ~ U{0, 0.01, ..., strength}`` (from ``p_generator``, CPU),
+    then i.i.d. Bernoulli(p) bits of shape (B, 1, h_k, w_k, d) in VAE layout (from
+    ``mask_generator`` on ``device``).  Passing the masks to ``teacher_forcing_inputs`` works
+    on every device, whatever device the generator lives on.
+    """
+    masks = []
+    for k in range(min(int(layers), len(vae_schedule))):
+        _, h, w = vae_schedule[k]
+        p = flip_probability(strength, p_generator)
+        shape = (batch_size, 1, int(h), int(w), bits)
+        masks.append(torch.rand(shape, generator=mask_generator, device=device) < p)
+    return masks

@@ -41,27 +41,30 @@ def test_unknown_keys_name_the_key_the_file_and_the_choices(tmp_path):
     with pytest.raises(RecipeError, match=r"key 'trainer.max_step' is not in .*tiny_var.yaml.*Did you mean: "
                                           r"trainer.max_steps"):
         _prepare(tmp_path, "trainer.max_step=3")
-    with pytest.raises(RecipeError, match=r"recipe section 'trainer'.*'max_stpes' \(did you mean max_steps"):
+    with pytest.raises(RecipeError, match=r"unknown key 'trainer.max_stpes' \(did you mean max_steps"):
         _prepare(tmp_path, "+trainer.max_stpes=3")
-    with pytest.raises(RecipeError, match=r"callbacks.checkpoint.*'every_n_step' \(did you mean every_n_train_steps"):
+    with pytest.raises(RecipeError, match=r"unknown key 'callbacks.checkpoint.every_n_step'. Did you mean: "
+                                          r"every_n_train_steps"):
         _prepare(tmp_path, "+callbacks.checkpoint.every_n_step=3")
-    with pytest.raises(ValueError, match=r"datamodule 'shapes' .*unknown argument\(s\) \['num_sample'\]"):
+    with pytest.raises(RecipeError, match=r"unknown key 'data.num_sample'. Did you mean: num_samples"):
         _prepare(tmp_path, "+data.num_sample=3")
 
 
 def test_wrong_types_name_the_key_the_value_and_the_expected_type(tmp_path):
-    with pytest.raises(RecipeError, match=r"'module.lr' = 'fast' \(str\) does not match the expected type "
+    with pytest.raises(RecipeError, match=r"'optim.lr' = 'fast' \(str\) does not match the expected type "
                                           r"Optional\[float\]"):
-        _prepare(tmp_path, "module.lr=fast")
-    with pytest.raises(RecipeError, match=r"'module.optimizer' = 'sgd' .*Literal\['adamw', 'adamw8bit'\]"):
-        _prepare(tmp_path, "module.optimizer=sgd")
+        _prepare(tmp_path, "optim.lr=fast")
+    with pytest.raises(RecipeError, match=r"'optim.optimizer' = 'sgd' .*Literal\['adamw', 'adamw8bit'\]"):
+        _prepare(tmp_path, "optim.optimizer=sgd")
     with pytest.raises(RecipeError, match=r"'seed' = 1.5 \(float\) .*expected type int"):
         _prepare(tmp_path, "seed=1.5")
     # The trainer section is free-form (Lightning's arguments): its common keys are checked here.
     with pytest.raises(RecipeError, match=r"'trainer.max_steps' = 'ten' \(str\); expected an integer"):
         _prepare(tmp_path, "trainer.max_steps=ten")
     with pytest.raises(RecipeError, match=r"'trainer.gradient_clip_val' = 'high' \(str\); expected a number"):
-        _prepare(tmp_path, "trainer.gradient_clip_val=high")
+        _prepare(tmp_path, "optim.grad_clip=null", "+trainer.gradient_clip_val=high")
+    with pytest.raises(RecipeError, match=r"set the gradient clipping once, in optim.grad_clip"):
+        _prepare(tmp_path, "+trainer.gradient_clip_val=1.0")
 
 
 def test_missing_required_value_names_the_key(tmp_path):
@@ -92,20 +95,22 @@ def test_text_encoder_width_that_does_not_match_the_transformer(tmp_path):
 
 # -- resolutions and aspect ratios ----------------------------------------------------------------
 def test_image_size_outside_the_template_tables(tmp_path):
-    run = _prepare(tmp_path, "data.image_size=40", "module.image_size=40", "trainer.max_steps=1")
-    with pytest.raises(ValueError, match=r"no aspect-ratio template has the token grid 5x5.*module.scale_schedule"):
-        run["trainer"].fit(run["module"], datamodule=run["datamodule"])
+    # a pixel size between two schedule sizes: the nearest one is used, with a warning, and the
+    # data's image size follows the schedule (they cannot disagree)
+    with pytest.warns(UserWarning, match="resolution 40 is not a schedule size; using the nearest, 32x32 px"):
+        run = _prepare(tmp_path, "schedule.resolution=40", "trainer.max_steps=1")
+    assert run["datamodule"].image_size == 32 and run["module"].schedule_for(1.0).pixel_size(8) == (32, 32)
 
 
 def test_unknown_pixel_budget_and_resolution(tmp_path):
     from infinity_lightning.scales import resolve
 
-    with pytest.raises(ValueError, match=r"unknown pixel budget '2M'; expected one of \['0.06M', '0.25M', "
-                                         r"'0.60M', '1M'\]"):
-        _prepare(tmp_path, "module.pn=2M")
-    with pytest.raises(ValueError, match=r"resolution '3M': expected one of .* or a pixel size"):
+    with pytest.raises(RecipeError, match=r"schedule.resolution: resolution '2M': expected one of \['0.06M', "
+                                          r"'0.25M', '0.60M', '1M'\]"):
+        _prepare(tmp_path, "schedule.resolution=2M")
+    with pytest.raises(ValueError, match=r"resolution '3M': expected one of .*, a pixel size"):
         resolve("3M", 1.0)
-    with pytest.raises(ValueError, match="resolution must be positive"):
+    with pytest.raises(ValueError, match="resolution must be a positive pixel size"):
         resolve(-256, 1.0)
 
 
@@ -241,10 +246,9 @@ def _jsonl_with_bad_records(root: Path) -> Path:
 
 def _jsonl_recipe(tmp_path: Path, data_dir: Path, **data) -> Path:
     cfg = to_dict(load_recipe(TINY))
-    cfg["data"] = {"name": "jsonl", "data_dir": str(data_dir), "image_size": 32, "batch_size": 4,
-                   "seed": 0, "drop_last": False, **data}
+    cfg["data"] = {"name": "jsonl", "data_dir": str(data_dir), "batch_size": 4, "seed": 0, "drop_last": False,
+                   **data}
     cfg["callbacks"].update(sample_logger=None, lr_monitor=False, checkpoint=None)
-    cfg["module"]["image_size"] = 32
     cfg["trainer"].update(max_steps=3, log_every_n_steps=1)
     path = tmp_path / "jsonl.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -10,8 +10,8 @@ import yaml
 from infinity_lightning.cli import main
 from infinity_lightning.recipes import RecipeError
 
-TINY = ["data.image_size=32", "module.image_size=32", "data.num_samples=8", "data.batch_size=4",
-        "module.warmup_steps=0", "callbacks.sample_logger.every_n_steps=2",
+TINY = ["schedule.resolution=32", "data.num_samples=8", "data.batch_size=4",
+        "optim.warmup_steps=0", "callbacks.sample_logger.every_n_steps=2",
         "callbacks.sample_logger.prompts=[a red circle]", "callbacks.sample_logger.seeds=[0]",
         "callbacks.checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1"]
 
@@ -34,7 +34,7 @@ def test_fit_quickstart_writes_checkpoints_logs_and_resolved_recipe(tmp_path):
     assert state["global_step"] == 3 and "optimizer_states" in state
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["kind"] == "var" and recipe["output_dir"] == str(out)
-    assert recipe["data"]["seed"] == 0 and recipe["data"]["image_size"] == 32  # interpolations and overrides applied
+    assert recipe["data"]["seed"] == 0 and recipe["schedule"]["resolution"] == 32  # interpolations and overrides applied
     acc = _scalars(out / "tb")
     tags = acc.Tags()
     assert {"train/loss", "train/acc", "train/token_acc", "train/acc_scale0", "train/acc_scale2"} <= set(tags["scalars"])

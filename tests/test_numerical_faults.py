@@ -23,7 +23,7 @@ def make_module(**kwargs: Any) -> BitwiseVARModule:
     """The tiny transformer with a fixed init, trained on latents (4x4 grid, 3 scales)."""
     model = InfinityTransformer(transformer_config("tiny", cond_drop_rate=0.0))
     init_weights(model, generator=torch.Generator().manual_seed(0))
-    opts: Dict[str, Any] = dict(pn=None, lr=1e-2, cond_drop_rate=0.0, log_per_scale=False)
+    opts: Dict[str, Any] = dict(resolution=None, optim={"lr": 1e-2}, cond_drop_rate=0.0, log_per_scale=False)
     opts.update(kwargs)
     return BitwiseVARModule(model, None, None, **opts)
 

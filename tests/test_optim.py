@@ -64,6 +64,8 @@ def test_weight_decay_schedule_and_lr_scaling():
     assert m.learning_rate() == pytest.approx(7.5e-4)
     with pytest.raises(ValueError, match="exactly one of lr"):
         make_module(lr=1e-3, tblr=6e-3)
+    with pytest.raises(ValueError, match="global batch size"):
+        make_module(lr=None, tblr=6e-3).learning_rate()              # no DataModule to read it from
 
 
 def test_module_scheduler_steps_per_optimizer_step():

@@ -78,7 +78,7 @@ def test_recipe_builds(name, tmp_path):
     if run["kind"] == "var":
         assert isinstance(module, BitwiseVARModule)
         cfg = run["cfg"]
-        assert module.hparams.pn == cfg.module.pn
+        assert module.resolution == cfg.schedule.resolution
         assert module.cond_drop_rate == pytest.approx(cfg.module.cond_drop_rate)
         assert sum(p.requires_grad for p in module.tokenizer.parameters()) == 0
         assert all(p.requires_grad for p in module.transformer.parameters())
@@ -100,14 +100,15 @@ def test_recipe_builds(name, tmp_path):
 
             ref = tiny_transformer(seed=5).state_dict()
             assert torch.equal(module.transformer.state_dict()["head.weight"], ref["head.weight"])
-            assert module.hparams.activation_checkpointing == "full-block"
+            assert module.transformer.activation_checkpointing == "full-block"
             assert run["trainer"].precision == "bf16-mixed"
+            assert run["trainer"].gradient_clip_val == 5.0                  # from optim.grad_clip
 
 
 def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):
     with pytest.raises(RecipeError, match="model.weigths"):
         prepare("var/quickstart", ["+model.weigths=x"], output_dir=str(tmp_path), logger="none")
-    with pytest.raises(RecipeError, match="callbacks.ema.decay_rate|decay_rate"):
+    with pytest.raises(RecipeError, match="callbacks.ema.decay_rate"):
         prepare("var/quickstart", ["callbacks.ema={decay_rate: 0.9}"], output_dir=str(tmp_path), logger="none")
     with pytest.raises(RecipeError, match="data.data_dir.*model.text_encoder.*model.tokenizer"):
         prepare("var/pretrain_layer12_256", [], output_dir=str(tmp_path), logger="none")
@@ -115,22 +116,36 @@ def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):
         prepare("var/quickstart", ["model.drop_mismatched=[heads]"], output_dir=str(tmp_path), logger="none")
 
 
-def test_strategy_keys_map_to_our_strategies():
-    from infinity_lightning.lit.build import build_var_training, load_var_recipe
+def test_strategy_keys_map_to_our_strategies(tmp_path):
+    from infinity_lightning.recipes import build_run, load_run_recipe
 
-    cfg = load_var_recipe("var/quickstart", ["trainer.max_steps=1", "+trainer.strategy=fsdp",
-                                             "model.text_encoder=null"])
+    cfg, _, _ = load_run_recipe("var/quickstart", ["trainer.max_steps=1", "+trainer.strategy=fsdp",
+                                                   "model.text_encoder=null"])
     with pytest.raises(ValueError, match="fsdp2"):
-        build_var_training(cfg)
-    cfg = load_var_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "module.optimizer=adamw8bit",
-                                             "model.text_encoder=null"])
+        build_run(cfg, tmp_path)
+    cfg, _, _ = load_run_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "optim.optimizer=adamw8bit",
+                                                   "model.text_encoder=null"])
     with pytest.raises(ValueError, match="8-bit"):
-        build_var_training(cfg)
-    cfg = load_var_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "+module.parallelize.mixed_precision=fp32",
-                                             "model.text_encoder=null"])
-    module, _, tkw, _ = build_var_training(cfg)
-    assert type(tkw["strategy"]).__name__ == "FSDP2Strategy"
-    assert module.parallelize_fn is not None and module.parallelize_fn.keywords["mixed_precision"] == "fp32"
+        build_run(cfg, tmp_path)
+    cfg, _, _ = load_run_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "+module.parallelize.mixed_precision=fp32",
+                                                   "model.text_encoder=null"])
+    run = build_run(cfg, tmp_path)
+    assert type(run.trainer_kwargs["strategy"]).__name__ == "FSDP2Strategy"
+    assert run.module.parallelize_fn is not None and run.module.parallelize_fn.keywords["mixed_precision"] == "fp32"
+
+
+def test_schedule_is_stated_once_and_the_data_size_follows(tmp_path):
+    from infinity_lightning.recipes import build_run, load_run_recipe
+
+    cfg, _, _ = load_run_recipe("var/quickstart", ["schedule.resolution=32", "model.text_encoder=null"])
+    run = build_run(cfg, tmp_path)
+    assert run.datamodule.image_size == 32 and run.module.schedule_for(1.0)[-1] == (1, 4, 4)
+    cfg, _, _ = load_run_recipe("var/quickstart", ["+data.image_size=32", "model.text_encoder=null"])
+    with pytest.raises(RecipeError, match="data.image_size is derived from schedule.resolution"):
+        build_run(cfg, tmp_path)
+    cfg, _, _ = load_run_recipe("var/pretrain_layer12_256", ["model.tokenizer=tiny", "model.text_encoder=null",
+                                                             f"data.data_dir={tmp_path}"])
+    assert cfg.schedule.resolution == "0.06M"
 
 
 def test_multi_node_keys_of_the_documented_launch_commands():

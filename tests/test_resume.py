@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from infinity_lightning.callbacks import EMA, SelfCorrectionSchedule
 from infinity_lightning.io import StateDictMismatchError
-from infinity_lightning.lit.build import build_transformer, load_transformer_weights
+from infinity_lightning.recipes.build import build_transformer, load_transformer_weights
 from infinity_lightning.transformer_checkpoints import save_transformer
 from tests.test_var_module import make_module, quiet_trainer, tiny_transformer
 

@@ -14,12 +14,11 @@ import lightning.pytorch as pl  # noqa: E402
 
 from infinity_lightning.checkpoints import load_tokenizer  # noqa: E402
 from infinity_lightning.datamodules.photos import PhotoCropsDataModule, PhotoCropsDataset  # noqa: E402
-from infinity_lightning.lit.tokenizer_module import (  # noqa: E402
-    TOKENIZER_RECIPE_SCHEMA, BSQTokenizerModule, build_tokenizer_training)
+from infinity_lightning.lit.tokenizer_module import BSQTokenizerModule  # noqa: E402
 from infinity_lightning.models.bsq_vae import BSQVAE  # noqa: E402
 from infinity_lightning.models.tokenizer_losses import PatchDiscriminator, PerceptualLoss  # noqa: E402
 from infinity_lightning.presets import tokenizer_config  # noqa: E402
-from infinity_lightning.recipes import load_recipe  # noqa: E402
+from infinity_lightning.recipes import RecipeError, build_run, load_recipe, load_run_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes" / "tokenizer").glob("*.yaml"))
@@ -75,7 +74,8 @@ def overfit():
     images = _photo_batch()
     module = BSQTokenizerModule(BSQVAE(tokenizer_config("tiny_f8")), perceptual_weight=0.0, adv_weight=0.0,
                                 commitment_weight=0.05, entropy_weight=0.005, schedule_mode="dense",
-                                lr=2e-3, grad_clip=1.0, fid_feature=_TinyFeatures())
+                                optim={"lr": 2e-3, "grad_clip": 1.0, "betas": (0.9, 0.99)},
+                                fid_feature=_TinyFeatures())
     val = _loader(images, 1)
     before = {k: float(v) for k, v in _trainer(1).validate(module, val, verbose=False)[0].items()}
     steps = 60
@@ -130,13 +130,17 @@ def test_export_reload_identical(overfit, tmp_path, fmt, name):
     assert all(torch.equal(a, b) for a, b in zip(ref_bits, got_bits))
 
 
+OPTIM_KEYS = ("lr", "warmup_steps", "warmup_start_factor", "lr_schedule", "final_lr_factor", "max_steps", "grad_clip")
+
+
 def _small_module(**kw) -> BSQTokenizerModule:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         perceptual = PerceptualLoss("tiny")
+    optim = {"lr": 1e-3, "betas": (0.9, 0.99), **{k: kw.pop(k) for k in OPTIM_KEYS if k in kw}}
     kw = {"perceptual": perceptual, "perceptual_weight": 0.1, "adv_weight": 0.3,
-          "discriminator": PatchDiscriminator(channels=8, n_layers=2), "lr": 1e-3, **kw}
+          "discriminator": PatchDiscriminator(channels=8, n_layers=2), "optim": optim, **kw}
     return BSQTokenizerModule(BSQVAE(tokenizer_config("tiny_f8")), **kw)
 
 
@@ -170,18 +174,24 @@ def test_discriminator_phase_updates_discriminator_and_generator_loss():
 
 def test_non_saturating_bf16_and_cosine_schedule():
     images = _photo_batch(n=2)
-    module = _small_module(disc_start_step=0, disc_loss="non_saturating", warmup_steps=2, lr_decay="cosine",
-                           min_lr_ratio=0.1, total_steps=4, scale_drop_rate=0.5)
+    module = _small_module(disc_start_step=0, disc_loss="non_saturating", warmup_steps=2, lr_schedule="cosine",
+                           warmup_start_factor=0.5, final_lr_factor=0.1, max_steps=4, scale_drop_rate=0.5)
     enc_before = module.tokenizer.encoder.conv_in.conv.weight.detach().clone()
     trainer = _trainer(3, precision="bf16-mixed")
     trainer.fit(module, train_dataloaders=_loader(images, 3))
     metrics = trainer.callback_metrics
     assert all(math.isfinite(float(metrics[k])) for k in ("train/loss", "train/d_loss", "train/g_adv"))
     assert not torch.equal(enc_before, module.tokenizer.encoder.conv_in.conv.weight)
-    # lambda(step): warm-up 1/2, 2/2, then cosine from 1 to 0.1 over steps 2..4.
-    assert [module._lr_lambda(s) for s in range(5)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1])
+    # warm-up from 0.5 over two steps (0.5, 0.75), then cosine from 1 at step 2 to 0.1 at the last
+    # step (max_steps - 1 = 3): factors 0.5, 0.75, 1.0 for the three steps taken
     opt_g, opt_d = trainer.optimizers
+    assert [f(s) for s in range(5) for f in opt_g_lambdas(trainer)] == pytest.approx([0.5, 0.75, 1.0, 0.1, 0.1])
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)          # after 3 scheduler steps
     assert opt_d.param_groups[0]["lr"] == pytest.approx(2 * opt_g.param_groups[0]["lr"])
+
+
+def opt_g_lambdas(trainer):
+    return trainer.lr_scheduler_configs[0].scheduler.lr_lambdas
 
 
 def test_stochastic_scale_dropping_keeps_last_scale():
@@ -211,9 +221,9 @@ def test_plain_tensor_batches_and_bad_batches():
 def test_recipes_load_and_build(recipe, tmp_path):
     """Every tokenizer recipe validates and builds (made cheap: tiny model, photo crops)."""
     raw = load_recipe(recipe)
-    overrides = ["trainer.max_steps=1"]
-    if "perceptual_arch" in raw.loss.keys():  # recipes with a perceptual loss: its cheap network
-        overrides.append("loss.perceptual_arch=tiny")
+    overrides = ["trainer.max_steps=1", "schedule.resolution=32"]
+    if "perceptual_arch" in raw.module.keys():  # recipes with a perceptual loss: its cheap network
+        overrides.append("module.perceptual_arch=tiny")
     if "data_dir" in raw.data.keys():  # a "???" value is not "in" a DictConfig
         overrides.append(f"data.data_dir={tmp_path}")
     if "weights" in raw.model.keys():
@@ -224,45 +234,57 @@ def test_recipes_load_and_build(recipe, tmp_path):
         overrides.append(f"model.weights={weights}")
     else:
         overrides.append("model.preset=tiny_f8")
-    cfg = load_recipe(recipe, overrides, schema=TOKENIZER_RECIPE_SCHEMA)
-    cfg.data = {"name": "photos", "size": 32, "batch_size": 2, "train_samples": 4, "val_samples": 2}
-    cfg.callbacks = []
+    cfg, kind, _ = load_run_recipe(recipe, overrides)
+    assert kind == "tokenizer"
+    cfg.data = {"name": "photos", "batch_size": 2, "train_samples": 4, "val_samples": 2}
+    cfg.callbacks = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module, dm, trainer_kwargs, callbacks = build_tokenizer_training(cfg)
+        run = build_run(cfg, tmp_path)
+    module, dm = run.module, run.datamodule
     assert isinstance(module, BSQTokenizerModule) and isinstance(dm, PhotoCropsDataModule)
+    assert dm.size == 32                                  # the data's size comes from schedule.resolution
     assert module.tokenizer.training and all(p.requires_grad for p in module.tokenizer.parameters())
-    assert trainer_kwargs["max_steps"] == 1
-    assert module.hparams.adv_weight == raw.loss.adv_weight
-    assert module.hparams.schedule_mode == raw.model.schedule_mode
-    assert module.hparams.lr == pytest.approx(raw.optim.lr)
+    assert run.trainer_kwargs["max_steps"] == 1
+    assert module.hparams.adv_weight == raw.module.adv_weight
+    assert module.hparams.schedule_mode == raw.schedule.mode
+    assert module.optim.lr == pytest.approx(raw.optim.lr)
 
 
-def test_build_rejects_unknown_and_missing_keys():
-    base = {"model": {"preset": "tiny_f8"}, "loss": {"perceptual_weight": 0.0, "adv_weight": 0.0},
-            "data": {"name": "photos", "size": 32}}
-    with pytest.raises(KeyError, match="entropy_wieght.*section 'loss'"):
-        build_tokenizer_training({**base, "loss": {"entropy_wieght": 0.1}})
-    with pytest.raises(KeyError, match="trainer"):
-        build_tokenizer_training({**base, "trainer": {"max_stesp": 3}})
-    with pytest.raises(KeyError, match="top level"):
-        build_tokenizer_training({**base, "optimizer": {}})
-    with pytest.raises(ValueError, match="exactly one"):
-        build_tokenizer_training({**base, "model": {}})
-    recipe = load_recipe(REPO / "recipes" / "tokenizer" / "finetune_d32_reg.yaml")
-    with pytest.raises(ValueError, match="model.weights"):
-        build_tokenizer_training(recipe)
-    module, dm, tk, cbs = build_tokenizer_training(base)
-    assert module.perceptual is None and module.discriminator is None and dm.size == 32 and tk == {} and cbs == []
+def _tokenizer_recipe(**sections):
+    cfg = {"kind": "tokenizer", "schedule": {"resolution": 32, "mode": "dense"}, "model": {"preset": "tiny_f8"},
+           "module": {"perceptual_weight": 0.0, "adv_weight": 0.0}, "optim": {"lr": 1e-3},
+           "data": {"name": "photos"}}
+    cfg.update(sections)
+    return cfg
+
+
+def test_build_rejects_unknown_and_missing_keys(tmp_path):
+    with pytest.raises(RecipeError, match="entropy_wieght"):
+        build_run(_tokenizer_recipe(module={"entropy_wieght": 0.1}), tmp_path)
+    with pytest.raises(RecipeError, match="max_stesp"):
+        build_run(_tokenizer_recipe(trainer={"max_stesp": 3}), tmp_path)
+    with pytest.raises(RecipeError, match="unknown key 'optimizer'"):
+        build_run({**_tokenizer_recipe(), "optimizer": {}}, tmp_path)
+    with pytest.raises(RecipeError, match="exactly one"):
+        build_run(_tokenizer_recipe(model={}), tmp_path)
+    with pytest.raises(RecipeError, match="data.image_size is derived from schedule.resolution"):
+        build_run(_tokenizer_recipe(data={"name": "photos", "image_size": 32}), tmp_path)
+    with pytest.raises(RecipeError, match="module.optim is set by the recipe builder"):
+        build_run(_tokenizer_recipe(module={"optim": {}}), tmp_path)
+    with pytest.raises(RecipeError, match="model.weights"):
+        load_run_recipe(REPO / "recipes" / "tokenizer" / "finetune_d32_reg.yaml")
+    run = build_run(_tokenizer_recipe(), tmp_path)
+    assert run.module.perceptual is None and run.module.discriminator is None and run.datamodule.size == 32
+    assert run.trainer_kwargs == {} and run.callbacks == []
 
 
 def test_recipe_callbacks_checkpoint_dir_and_sample_logger(tmp_path):
-    from infinity_lightning.lit.tokenizer_module import _build_callbacks
-
-    callbacks = _build_callbacks({"checkpoint": {"save_last": True}, "lr_monitor": None,
-                                  "sample_logger": {"folder": str(tmp_path / "samples"), "every_n_steps": 2},
-                                  "ema": None})
-    assert [type(c).__name__ for c in callbacks] == ["_RunDirCheckpoint", "SampleLogger"]
+    callbacks = build_run(_tokenizer_recipe(callbacks={
+        "checkpoint": {"save_last": True}, "lr_monitor": None, "ema": None,
+        "sample_logger": {"folder": str(tmp_path / "samples"), "every_n_steps": 2}}), tmp_path).callbacks
+    assert [type(c).__name__ for c in callbacks] == ["ModelCheckpoint", "SampleLogger"]
+    assert callbacks[0].dirpath == str(tmp_path / "checkpoints")
     module = _small_module(adv_weight=0.0, discriminator=None)
     trainer = _trainer(2, callbacks=callbacks, enable_checkpointing=True, default_root_dir=str(tmp_path))
     trainer.fit(module, train_dataloaders=_loader(_photo_batch(n=2), 2))
@@ -272,14 +294,14 @@ def test_recipe_callbacks_checkpoint_dir_and_sample_logger(tmp_path):
     # The checkpoint holds the tokenizer under "tokenizer.": load_tokenizer reads it directly.
     loaded = load_tokenizer(tmp_path / "checkpoints" / "last.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.tokenizer.state_dict().values()))
-    with pytest.raises(KeyError, match="unknown callback"):
-        _build_callbacks({"NoSuchCallback": {}})
+    with pytest.raises(RecipeError, match="callbacks.NoSuchCallback is not a callback"):
+        build_run(_tokenizer_recipe(callbacks={"NoSuchCallback": {}}), tmp_path)
 
 
 def test_photo_crops_datamodule():
-    dm = PhotoCropsDataModule(size=24, photos=PHOTOS, train_samples=6, val_samples=3, batch_size=3)
+    dm = PhotoCropsDataModule(image_size=24, photos=PHOTOS, train_samples=6, val_samples=3, batch_size=3)
     val = next(iter(dm.val_dataloader()))
-    again = next(iter(PhotoCropsDataModule(size=24, photos=PHOTOS, val_samples=3, batch_size=3).val_dataloader()))
+    again = next(iter(PhotoCropsDataModule(image_size=24, photos=PHOTOS, val_samples=3, batch_size=3).val_dataloader()))
     assert val["images"].shape == (3, 3, 24, 24) and len(val["captions"]) == 3
     assert torch.equal(val["images"], again["images"])  # validation crops are fixed by the seed
     assert val["images"].min() >= -1 and val["images"].max() <= 1 and val["images"].std() > 0.05
@@ -287,6 +309,6 @@ def test_photo_crops_datamodule():
     first = next(iter(dm.train_dataloader()))["images"]
     second = next(iter(dm.train_dataloader()))["images"]
     assert first.shape == (3, 3, 24, 24) and not torch.equal(first, second)  # fresh random crops
-    assert set(PhotoCropsDataModule(size=16).photos) >= set(PHOTOS)
+    assert set(PhotoCropsDataModule(image_size=16).photos) >= set(PHOTOS)
     with pytest.raises(KeyError, match="not available"):
         PhotoCropsDataModule(photos=["no_such_photo"])

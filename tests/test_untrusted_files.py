@@ -118,7 +118,7 @@ def test_resume_refuses_code(tmp_path, marker):
 def test_cached_data_files_refuse_code(tmp_path, marker):
     """Latents files and text-feature cache entries are user files too."""
     from infinity_lightning.datamodules import TextFeatureCache
-    from infinity_lightning.lit.var_module import LatentsDataModule
+    from infinity_lightning.datamodules.latents import LatentsDataModule
 
     evil = _evil_file(tmp_path / "latents.pth", marker, payload_key="latents")
     with pytest.raises(CheckpointError, match="refusing to load latents file"):

@@ -1,14 +1,14 @@
 """``infinity-lightning fit RECIPE [key=value ...]``: train from a recipe.
 
-The recipe's top-level ``kind`` picks the builder: ``var`` (bitwise VAR transformer,
-:func:`infinity_lightning.lit.build.build_var_training`) or ``tokenizer`` (BSQ-VAE,
-``infinity_lightning.lit.tokenizer_module.build_tokenizer_training``).  Recipes without
-``kind`` are recognised by a ``task`` key or by their folder (``var/``, ``tokenizer/``).
+The recipe's top-level ``kind`` (``var``: the bitwise VAR transformer, ``tokenizer``: the
+BSQ-VAE) picks what :func:`infinity_lightning.recipes.build_run` builds; recipes without
+``kind`` are recognised by their folder (``var/``, ``tokenizer/``).
 
 Outputs go to ``output_dir`` (recipe key, or ``--output-dir``): the resolved recipe
 ``recipe.yaml`` (every interpolation and override applied), TensorBoard logs under ``tb/``,
-checkpoints under ``checkpoints/`` (VAR recipes' ``callbacks.checkpoint``), with ``last.ckpt``
-written at the end of training.  ``--ckpt-path``
+checkpoints under ``checkpoints/`` (``callbacks.checkpoint``), with ``last.ckpt`` written at the
+end of training; a tokenizer recipe also exports ``tokenizer.pth`` (released layout) and
+``tokenizer.safetensors``, the files VAR recipes take as ``model.tokenizer``.  ``--ckpt-path``
 (or the recipe's ``ckpt_path``) resumes a run from a Lightning checkpoint; ``last`` picks the
 newest complete checkpoint in ``<output_dir>/checkpoints`` (an error when there is none), ``auto``
 the same but starts afresh when there is none.  Truncated or corrupt checkpoints are skipped
@@ -28,11 +28,6 @@ from typing import Any, Dict, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-KINDS = ("var", "tokenizer")
-#: top-level keys this command consumes (never passed to the builders)
-_RUN_KEYS = ("kind", "output_dir", "ckpt_path")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``fit`` subcommand."""
     parser.add_argument("recipe", help="recipe file or built-in name (e.g. var/quickstart, tokenizer/tiny_cpu)")
@@ -45,14 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logger", choices=("tensorboard", "csv", "none"), default="tensorboard",
                         help="experiment logger (default tensorboard)")
     parser.add_argument("--dry-run", action="store_true", help="build everything and stop before training")
-
-
-def recipe_kind(cfg: Any, path: Path) -> str:
-    """``kind`` of a recipe: the ``kind`` key, else ``task``, else the parent folder name."""
-    kind = cfg.get("kind") or cfg.get("task") or path.parent.name
-    if kind not in KINDS:
-        raise ValueError(f"recipe {path}: kind {kind!r} is not one of {KINDS}; set a top-level 'kind:' key")
-    return str(kind)
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], output_dir: Path) -> Optional[str]:
@@ -93,65 +80,46 @@ def prepare(recipe: str, overrides: Sequence[str] = (), output_dir: Optional[str
     the resolved recipe is written to ``<output_dir>/recipe.yaml``.
     """
     import lightning.pytorch as pl
-    from omegaconf import OmegaConf
 
-    from ..recipes import load_recipe, resolve_recipe, save_recipe, to_dict
+    from ..recipes import build_run, load_run_recipe, save_recipe, to_dict
 
-    from ..lit.build import overrides_for_missing
-
-    path = resolve_recipe(recipe)
-    overrides = overrides_for_missing(path, list(overrides))
-    raw = load_recipe(path, overrides)
-    kind = recipe_kind(raw, path)
-    if kind == "var":
-        from ..lit.build import build_var_training, load_var_recipe
-
-        cfg = load_var_recipe(path, overrides)
-    else:
-        cfg = raw
+    cfg, kind, path = load_run_recipe(recipe, list(overrides))
     out = Path(output_dir or cfg.get("output_dir") or f"runs/{path.stem}")
-    if kind == "var":
-        cfg.output_dir = str(out)
+    cfg.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_ckpt_path(ckpt_path if ckpt_path is not None else cfg.get("ckpt_path"), out)
-
-    if kind == "var":
-        module, datamodule, trainer_kwargs, callbacks = build_var_training(cfg)
-    else:
-        from ..lit.tokenizer_module import build_tokenizer_training
-
-        plain = to_dict(cfg, str(path))
-        for key in _RUN_KEYS:
-            plain.pop(key, None)
-        module, datamodule, trainer_kwargs, callbacks = build_tokenizer_training(OmegaConf.create(plain))
+    run = build_run(cfg, out, source=f"recipe {path}")
 
     saved = to_dict(cfg, str(path))
-    saved["output_dir"] = str(out)
     if ckpt is not None:
         saved["ckpt_path"] = ckpt
     save_recipe(saved, out / "recipe.yaml")
 
     from ..reliability import check_trainer_settings, make_data_resumable, use_atomic_checkpoints
 
+    trainer_kwargs = dict(run.trainer_kwargs)
     check_trainer_settings(trainer_kwargs, f"recipe {path}")
     trainer_kwargs = use_atomic_checkpoints(trainer_kwargs)
     trainer_kwargs.setdefault("default_root_dir", str(out))
-    make_data_resumable(datamodule)
+    make_data_resumable(run.datamodule)
     if "logger" not in trainer_kwargs:
-        if logger == "tensorboard":
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="tb", version="")
-        elif logger == "csv":
-            from lightning.pytorch.loggers import CSVLogger
-
-            trainer_kwargs["logger"] = CSVLogger(save_dir=str(out), name="csv", version="")
-        else:
-            trainer_kwargs["logger"] = False
-    callbacks = list(callbacks) + list(trainer_kwargs.pop("callbacks", None) or [])
+        trainer_kwargs["logger"] = _logger(logger, out)
+    callbacks = list(run.callbacks) + list(trainer_kwargs.pop("callbacks", None) or [])
     trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs)
-    return {"kind": kind, "cfg": cfg, "module": module, "datamodule": datamodule, "trainer": trainer,
+    return {"kind": kind, "cfg": cfg, "module": run.module, "datamodule": run.datamodule, "trainer": trainer,
             "ckpt_path": ckpt, "output_dir": out}
+
+
+def _logger(name: str, out: Path) -> Any:
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(out), name="tb", version="")
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(out), name="csv", version="")
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,7 +133,20 @@ def run(args: argparse.Namespace) -> int:
     trainer = run_["trainer"]
     trainer.fit(run_["module"], datamodule=run_["datamodule"], ckpt_path=run_["ckpt_path"])
     save_final_checkpoint(trainer)
+    if run_["kind"] == "tokenizer" and trainer.is_global_zero:
+        for path in export_tokenizer(run_["module"], run_["output_dir"]):
+            print(f"fit: tokenizer exported to {path}")
     return 0
+
+
+def export_tokenizer(module: Any, out: Path) -> Sequence[Path]:
+    """Write the trained tokenizer as ``<out>/tokenizer.pth`` (released layout) and
+    ``<out>/tokenizer.safetensors``."""
+    from ..checkpoints import save_tokenizer
+
+    tokenizer = module.tokenizer
+    return [save_tokenizer(tokenizer, out / "tokenizer.pth", format="released"),
+            save_tokenizer(tokenizer, out / "tokenizer.safetensors", format="safetensors")]
 
 
 def save_final_checkpoint(trainer: Any) -> Optional[Path]:

@@ -17,13 +17,16 @@ times 0 for the ND group (constant when start == end, as in train.sh).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 __all__ = [
+    "OptimConfig",
     "NO_WEIGHT_DECAY_KEYS",
     "is_no_weight_decay",
     "param_groups",
@@ -34,6 +37,7 @@ __all__ = [
     "scaled_lr",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "trainer_max_steps",
 ]
 
 #: Substrings that put a parameter in the no-weight-decay group (the original's ``--nowd 1`` list).
@@ -145,3 +149,103 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, **schedule: Any) -> tor
     """A ``LambdaLR`` applying :func:`lr_factor` (keyword arguments as there) per optimizer step."""
     lr_factor(0, **schedule)  # fail early on a bad configuration
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **schedule))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser and learning-rate schedule of a training run (both LightningModules).
+
+    Args:
+        lr: base learning rate; or ``tblr``: LR per 256 samples (``lr = tblr * global_batch / 256``,
+            the original's rule; ``global_batch_size`` defaults to batch size x world size x
+            gradient accumulation).  Exactly one of the two.
+        optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes); ``fused``: torch's flag.
+        betas, eps: AdamW's.
+        weight_decay: of the decay group (``D``; the ``ND`` group never decays), cosine to
+            ``weight_decay_end`` over the run when that is given.
+        lr_schedule: ``"constant"``, ``"lin0"`` or ``"cosine"`` after ``warmup_steps`` of linear
+            warm-up from ``warmup_start_factor``; decays to ``final_lr_factor`` at ``max_steps``
+            (default: the trainer's).  See :func:`lr_factor`.
+        grad_clip: gradient-norm clipping (``None``/0: off).
+    """
+
+    lr: Optional[float] = None
+    tblr: Optional[float] = None
+    global_batch_size: Optional[int] = None
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    fused: Optional[bool] = None
+    betas: Tuple[float, float] = (0.9, 0.97)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    weight_decay_end: Optional[float] = None
+    lr_schedule: Literal["constant", "lin0", "cosine"] = "constant"
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.005
+    final_lr_factor: float = 0.3
+    max_steps: Optional[int] = None
+    grad_clip: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if (self.lr is None) == (self.tblr is None):
+            raise ValueError("optim needs exactly one of lr (absolute) or tblr (per 256 samples)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.lr_schedule {self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two values, got {list(self.betas)}")
+        if self.warmup_steps < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError(f"optim.warmup_steps must be >= 0 and optim.max_steps >= 1, got {self.warmup_steps} "
+                             f"and {self.max_steps}")
+        if (self.lr if self.lr is not None else self.tblr) <= 0:
+            raise ValueError(f"optim learning rate must be positive, got {self.lr if self.lr is not None else self.tblr}")
+
+    @classmethod
+    def from_dict(cls, values: Union["OptimConfig", Dict[str, Any], None]) -> "OptimConfig":
+        """From a recipe's ``optim`` section (unknown keys are an error naming them)."""
+        if isinstance(values, OptimConfig):
+            return values
+        values = dict(values or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"optim: unknown key(s) {unknown}; known: {names}")
+        return cls(**values)
+
+    def base_lr(self, global_batch_size: Optional[int] = None) -> float:
+        """``lr``, or ``tblr * global_batch / 256`` (``global_batch_size`` wins when set here)."""
+        if self.lr is not None:
+            return float(self.lr)
+        batch = self.global_batch_size or global_batch_size
+        if not batch:
+            raise ValueError("optim.tblr needs the global batch size: set optim.global_batch_size or use a "
+                             "DataModule with a batch_size attribute")
+        return scaled_lr(float(self.tblr), int(batch))
+
+    def schedule(self, max_steps: Optional[int]) -> Dict[str, Any]:
+        """Keyword arguments of :func:`lr_factor` for a run of ``max_steps`` optimizer steps."""
+        return dict(schedule=self.lr_schedule, warmup_steps=int(self.warmup_steps),
+                    warmup_start_factor=float(self.warmup_start_factor), final_factor=float(self.final_lr_factor),
+                    max_steps=self.max_steps or max_steps)
+
+    def build(self, groups: List[Dict[str, Any]], lr: float, max_steps: Optional[int]):
+        """``(optimizer, LambdaLR scheduler)`` over parameter ``groups`` at base ``lr``."""
+        opt = build_optimizer(groups, name=self.optimizer, lr=lr, betas=self.betas, eps=float(self.eps),
+                              fused=self.fused)
+        return opt, build_lr_scheduler(opt, **self.schedule(max_steps))
+
+    def weight_decay_at(self, step: int, max_steps: Optional[int]) -> float:
+        """Weight decay of the D group at ``step`` (constant unless ``weight_decay_end`` is set)."""
+        return weight_decay_at(step, float(self.weight_decay), self.weight_decay_end, self.max_steps or max_steps)
+
+
+def trainer_max_steps(trainer: Any) -> Optional[int]:
+    """The trainer's optimizer-step count: ``max_steps``, else its estimate, else None."""
+    if trainer is None:
+        return None
+    steps = getattr(trainer, "max_steps", -1)
+    if steps and steps > 0:
+        return int(steps)
+    est = getattr(trainer, "estimated_stepping_batches", None)
+    return int(est) if est and math.isfinite(est) else None

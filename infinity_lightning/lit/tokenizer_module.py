@@ -16,14 +16,12 @@ discriminator and the perceptual network are injected ``nn.Module``s.  One train
 Both optimizers step once per batch; ``trainer.global_step`` counts batches (generator updates)
 so that ``trainer.max_steps``, ``disc_start_step`` and ``warmup_steps`` all mean the same thing.
 
-:func:`build_tokenizer_training` turns a recipe (``recipes/tokenizer/*.yaml``) into objects.
+The recipe layer (:mod:`infinity_lightning.recipes`) builds it from ``recipes/tokenizer/*.yaml``.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
@@ -32,12 +30,12 @@ import torch.nn as nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from infinity_lightning import scales
+from infinity_lightning.lit.optim import OptimConfig, trainer_max_steps
 from infinity_lightning.models.tokenizer_losses import (
     LeCamEMA, PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, binary_entropy, bsq_entropy_terms,
     discriminator_loss, generator_adv_loss)
 
-__all__ = ["BSQTokenizerModule", "build_tokenizer_training", "build_perceptual", "TOKENIZER_RECIPE_KEYS",
-           "TOKENIZER_RECIPE_SCHEMA"]
+__all__ = ["BSQTokenizerModule", "build_perceptual"]
 
 
 def _images_of(batch: Any) -> torch.Tensor:
@@ -112,19 +110,18 @@ class BSQTokenizerModule(pl.LightningModule):
         lecam_weight, lecam_decay: LeCam regulariser on the discriminator (``decay=None``: zero anchors).
         commitment_weight, entropy_weight, entropy_gamma, entropy_inv_temperature: BSQ terms,
             averaged over the schedule's scales.
-        schedule_mode: ``"dense"``, ``"dynamic"`` or ``"single"`` (see ``scales.latent_schedule``),
-            or ``"template"``: the aspect-ratio template's scale table up to the latent grid, the
-            schedule the transformer uses without a pixel budget (1-2-4-6-8 for an 8x8 grid).
+        schedule_mode: how the latent grid is cut into scales (:func:`infinity_lightning.scales.latent_schedule`):
+            ``"template"`` (the aspect-ratio template's table up to the latent grid, the schedule a
+            transformer generates at that size: 1-2-4-6-8 for an 8x8 grid), ``"dynamic"``,
+            ``"dense"`` or ``"single"``.
         scale_drop_rate: during training each scale but the last is left out of the schedule
             with this probability (the remaining scales quantize the residual), so the decoder
             and later scales learn to cope with coarse scales missing.
         detach_residual: detach the residual between scales (``False``: gradients also flow
             through the residual chain, as the BitVAE recipe).
-        lr, disc_lr_mult, betas, weight_decay: AdamW for both networks (D at ``lr * disc_lr_mult``).
-        warmup_steps, lr_decay, min_lr_ratio, total_steps: linear warm-up then ``"constant"`` or
-            ``"cosine"`` decay to ``min_lr_ratio * lr`` at ``total_steps`` (default: the trainer's
-            estimated number of steps).
-        grad_clip: max gradient norm per optimizer (``None`` or 0: off).
+        optim: optimiser and LR schedule of both networks
+            (:class:`~infinity_lightning.lit.optim.OptimConfig`; ``grad_clip`` clips each network's
+            gradient norm); the discriminator runs at ``lr * disc_lr_mult``.
         fid_feature: optional feature module for rFID (float images in [0, 1] -> features).
         log_images_max: how many validation images :meth:`log_images` returns.
     """
@@ -158,15 +155,8 @@ class BSQTokenizerModule(pl.LightningModule):
         schedule_mode: str = "dense",
         scale_drop_rate: float = 0.0,
         detach_residual: bool = False,
-        lr: float = 1e-4,
+        optim: Union[OptimConfig, Mapping[str, Any], None] = None,
         disc_lr_mult: float = 2.0,
-        betas: Sequence[float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_decay: str = "constant",
-        min_lr_ratio: float = 0.0,
-        total_steps: Optional[int] = None,
-        grad_clip: Optional[float] = 1.0,
         fid_feature: Optional[nn.Module] = None,
         log_images_max: int = 8,
     ):
@@ -174,10 +164,8 @@ class BSQTokenizerModule(pl.LightningModule):
         self.automatic_optimization = False
         if disc_loss not in ("hinge", "non_saturating"):
             raise ValueError(f"disc_loss must be 'hinge' or 'non_saturating', got {disc_loss!r}")
-        if schedule_mode not in ("dense", "dynamic", "single", "template"):
-            raise ValueError(f"schedule_mode must be 'dense', 'dynamic', 'single' or 'template', got {schedule_mode!r}")
-        if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
+        if schedule_mode not in scales.LATENT_MODES:
+            raise ValueError(f"schedule_mode must be one of {scales.LATENT_MODES}, got {schedule_mode!r}")
         if not 0.0 <= scale_drop_rate < 1.0:
             raise ValueError(f"scale_drop_rate must be in [0, 1), got {scale_drop_rate}")
         self.tokenizer = tokenizer
@@ -189,7 +177,9 @@ class BSQTokenizerModule(pl.LightningModule):
         self.perceptual = perceptual
         self.lecam = LeCamEMA(lecam_decay) if lecam_weight > 0 else None
         self._last_layer = last_layer
-        self.save_hyperparameters(ignore=["tokenizer", "discriminator", "perceptual", "last_layer", "fid_feature"])
+        self.optim = OptimConfig.from_dict(optim if optim is not None else {"lr": 1e-4, "betas": (0.9, 0.99)})
+        self.save_hyperparameters(ignore=["tokenizer", "discriminator", "perceptual", "last_layer", "fid_feature",
+                                          "optim"])
 
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -221,12 +211,7 @@ class BSQTokenizerModule(pl.LightningModule):
     def training_schedule(self, latent_h: int, latent_w: int, train: bool = True) -> List[Tuple[int, int, int]]:
         """Scale schedule for a latent grid, with stochastic scale dropping when ``train``."""
         try:
-            if self.hparams.schedule_mode == "template":
-                from .var_module import schedule_to_grid
-
-                schedule = schedule_to_grid(latent_h / latent_w, latent_h, latent_w)
-            else:
-                schedule = scales.latent_schedule(latent_h, latent_w, self.hparams.schedule_mode)
+            schedule = list(scales.latent_schedule(latent_h, latent_w, self.hparams.schedule_mode))
         except ValueError as e:
             raise ValueError(f"schedule_mode={self.hparams.schedule_mode!r} cannot quantize a {latent_h}x{latent_w} "
                              f"latent grid: {e}") from e
@@ -314,8 +299,8 @@ class BSQTokenizerModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _clip(self, optimizer) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        if self.optim.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = _images_of(batch)
@@ -451,30 +436,19 @@ class BSQTokenizerModule(pl.LightningModule):
         return save_tokenizer(self.tokenizer, path, format=format)
 
     # ------------------------------------------------------------------ optimizers
-    def _lr_lambda(self, step: int) -> float:
-        hp = self.hparams
-        if hp.warmup_steps and step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
-        if hp.lr_decay == "constant":
-            return 1.0
-        total = hp.total_steps
-        if total is None:
-            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
-        if not total or total <= hp.warmup_steps or not math.isfinite(total):
-            return 1.0
-        progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-        return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
     def configure_optimizers(self):
-        hp = self.hparams
-        betas = tuple(float(b) for b in hp.betas)
+        max_steps = trainer_max_steps(self._trainer)
+        wd = float(self.optim.weight_decay)
         params = [p for p in self.tokenizer.parameters() if p.requires_grad]
-        opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+        lr = self.optim.base_lr()
+        opt_g, sched_g = self.optim.build([{"params": params, "weight_decay": wd}], lr, max_steps)
         optimizers = [opt_g]
-        if self.discriminator is not None and hp.adv_weight > 0:
-            optimizers.append(torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr * hp.disc_lr_mult,
-                                                betas=betas, weight_decay=hp.weight_decay))
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_lambda) for o in optimizers]
+        schedulers = [{"scheduler": sched_g, "interval": "step", "name": "lr"}]
+        if self.discriminator is not None and self.hparams.adv_weight > 0:
+            opt_d, sched_d = self.optim.build([{"params": list(self.discriminator.parameters()), "weight_decay": wd}],
+                                              lr * float(self.hparams.disc_lr_mult), max_steps)
+            optimizers.append(opt_d)
+            schedulers.append({"scheduler": sched_d, "interval": "step", "name": "lr-discriminator"})
         return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -489,228 +463,3 @@ class BSQTokenizerModule(pl.LightningModule):
             state = checkpoint.get("state_dict", {})
             for k, v in self.perceptual.state_dict().items():
                 state.setdefault(f"perceptual.{k}", v)
-
-
-# ---------------------------------------------------------------------------------------------
-# Recipes
-# ---------------------------------------------------------------------------------------------
-
-_MODEL_KEYS = {"preset", "weights", "overrides", "schedule_mode", "scale_drop_rate", "detach_residual"}
-_LOSS_KEYS = {"l1_weight", "l2_weight", "perceptual_weight", "perceptual_arch", "perceptual_weights", "adv_weight",
-              "adaptive_weight", "adaptive_weight_max", "disc_start_step", "disc_loss", "disc_channels",
-              "disc_layers", "disc_norm", "lecam_weight", "lecam_decay", "commitment_weight", "entropy_weight",
-              "entropy_gamma", "entropy_inv_temperature"}
-_OPTIM_KEYS = {"lr", "disc_lr_mult", "betas", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio",
-               "total_steps", "grad_clip"}
-_TOP_KEYS = {"task", "seed", "model", "loss", "optim", "data", "trainer", "callbacks"}
-
-#: Keys a tokenizer recipe may hold, per section (``data`` takes the DataModule's own kwargs).
-TOKENIZER_RECIPE_KEYS = {"model": _MODEL_KEYS, "loss": _LOSS_KEYS, "optim": _OPTIM_KEYS}
-
-_OptFloat, _OptInt, _OptStr = Optional[float], Optional[int], Optional[str]
-#: Schema for ``infinity_lightning.recipes.load_recipe(path, overrides, schema=...)``.
-TOKENIZER_RECIPE_SCHEMA: Dict[str, Any] = {
-    "task": str,
-    "seed": _OptInt,
-    "model": {"preset": _OptStr, "weights": _OptStr, "overrides": dict, "schedule_mode": str,
-              "scale_drop_rate": float, "detach_residual": bool},
-    "loss": {"l1_weight": float, "l2_weight": float, "perceptual_weight": float, "perceptual_arch": str,
-             "perceptual_weights": Optional[Union[str, List[str]]], "adv_weight": float, "adaptive_weight": bool,
-             "adaptive_weight_max": float, "disc_start_step": int, "disc_loss": str, "disc_channels": int,
-             "disc_layers": int, "disc_norm": str, "lecam_weight": float, "lecam_decay": _OptFloat,
-             "commitment_weight": float, "entropy_weight": float, "entropy_gamma": float,
-             "entropy_inv_temperature": float},
-    "optim": {"lr": float, "disc_lr_mult": float, "betas": List[float], "weight_decay": float, "warmup_steps": int,
-              "lr_decay": str, "min_lr_ratio": float, "total_steps": _OptInt, "grad_clip": _OptFloat},
-    "data": dict,
-    "trainer": dict,
-    "callbacks": Any,
-}
-
-
-def _plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
-
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        try:
-            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            raise ValueError(f"tokenizer recipe: '{e.full_key}' must be set (it is '???' in the recipe); "
-                             f"pass it as an override, e.g. {e.full_key}=...") from e
-    return cfg
-
-
-def _check_keys(section: str, given: Mapping[str, Any], allowed: set) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise KeyError(f"tokenizer recipe: unknown key(s) {unknown} in section '{section}'; "
-                       f"allowed keys: {sorted(allowed)}")
-
-
-def _build_tokenizer(model_cfg: Mapping[str, Any]) -> nn.Module:
-    preset, weights = model_cfg.get("preset"), model_cfg.get("weights")
-    overrides = dict(model_cfg.get("overrides") or {})
-    if "weights" in model_cfg and weights is None and not preset:
-        raise ValueError("tokenizer recipe: 'model.weights' must be set (the tokenizer file to fine-tune), "
-                         "e.g. model.weights=/path/infinity_vae_d32_reg.pth")
-    if bool(preset) == bool(weights):
-        raise ValueError("tokenizer recipe: section 'model' needs exactly one of 'preset' (a tokenizer preset "
-                         "name, training from scratch) or 'weights' (a released/exported tokenizer file)")
-    if weights:
-        from infinity_lightning.checkpoints import load_tokenizer
-
-        tokenizer = load_tokenizer(weights, **overrides)
-    else:
-        from infinity_lightning.models.bsq_vae import BSQVAE
-        from infinity_lightning.presets import tokenizer_config
-
-        tokenizer = BSQVAE(tokenizer_config(preset, **overrides))
-    # load_tokenizer returns an eval-mode, frozen module; training needs the opposite.
-    tokenizer.train()
-    tokenizer.requires_grad_(True)
-    return tokenizer
-
-
-#: DataModule arguments that name the data; a recipe leaves them null for the user to fill in.
-_REQUIRED_DATA_PATHS = ("data_dir", "root", "jsonl_dir", "shards", "urls")
-
-
-def _build_datamodule(data_cfg: Mapping[str, Any]):
-    data_cfg = dict(data_cfg)
-    if "name" not in data_cfg:
-        raise KeyError("tokenizer recipe: section 'data' needs a 'name' (a registered DataModule)")
-    name = data_cfg.pop("name")
-    for key in _REQUIRED_DATA_PATHS:
-        if key in data_cfg and data_cfg[key] is None:
-            raise ValueError(f"tokenizer recipe: 'data.{key}' must be set for data module {name!r} "
-                             f"(override it, e.g. data.{key}=/path/to/images)")
-    try:
-        from infinity_lightning.datamodules import build_datamodule
-    except ImportError:
-        build_datamodule = None
-    if build_datamodule is not None:
-        try:
-            return build_datamodule(name, **data_cfg)
-        except (KeyError, ValueError):
-            # "photos" lives in datamodules/photos.py; the registry may not list it.
-            if name != "photos":
-                raise
-    if name == "photos":
-        from infinity_lightning.datamodules.photos import PhotoCropsDataModule
-
-        return PhotoCropsDataModule(**data_cfg)
-    raise KeyError(f"tokenizer recipe: unknown data module {name!r}")
-
-
-class _RunDirCheckpoint(pl.callbacks.ModelCheckpoint):
-    """ModelCheckpoint whose default folder is ``<trainer.default_root_dir>/checkpoints`` (where
-    ``infinity-lightning fit --ckpt-path last`` looks), whatever logger is attached."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
-        super().setup(trainer, pl_module, stage)
-
-
-def _callback_class(name: str, where: str):
-    try:
-        import infinity_lightning.callbacks as own
-
-        cls = getattr(own, name, None)
-    except ImportError:  # pragma: no cover - callbacks ship with the package
-        cls = None
-    if cls is None:
-        import lightning.pytorch.callbacks as lcb
-
-        cls = getattr(lcb, name, None)
-    if cls is None or not isinstance(cls, type):
-        raise KeyError(f"tokenizer recipe: {where}: unknown callback {name!r} (expected one of checkpoint, "
-                       "lr_monitor, sample_logger, ema, or a class in infinity_lightning.callbacks or "
-                       "lightning.pytorch.callbacks)")
-    return cls
-
-
-def _build_callbacks(entries: Any) -> List[pl.Callback]:
-    """Callbacks from the recipe's ``callbacks`` section.
-
-    A mapping as in the VAR recipes: ``checkpoint`` (``ModelCheckpoint`` kwargs; files in
-    ``<default_root_dir>/checkpoints``), ``lr_monitor`` (bool), ``sample_logger`` (``SampleLogger``
-    kwargs; prompts are optional since :meth:`BSQTokenizerModule.log_images` ignores them), ``ema``
-    (``EMA`` kwargs, ``attribute`` defaults to ``tokenizer``), or any callback class name -> kwargs;
-    ``null`` switches an entry off.  A list of ``{name: ClassName, **kwargs}`` also works.
-    """
-    if not entries:
-        return []
-    if isinstance(entries, Mapping):
-        items = list(entries.items())
-    else:
-        items = []
-        for i, entry in enumerate(entries):
-            entry = dict(entry)
-            if "name" not in entry:
-                raise KeyError(f"tokenizer recipe: callbacks[{i}] needs a 'name' (a callback class name)")
-            items.append((entry.pop("name"), entry))
-    out: List[pl.Callback] = []
-    for key, kwargs in items:
-        if kwargs is None or kwargs is False:
-            continue
-        kwargs = {} if kwargs is True else dict(kwargs)
-        where = f"callbacks.{key}"
-        if key == "checkpoint":
-            out.append(_RunDirCheckpoint(**kwargs))
-        elif key == "lr_monitor":
-            out.append(pl.callbacks.LearningRateMonitor(**{"logging_interval": "step", **kwargs}))
-        elif key == "sample_logger":
-            kwargs.setdefault("prompts", ["reconstruction"])
-            out.append(_callback_class("SampleLogger", where)(**kwargs))
-        elif key == "ema":
-            kwargs.setdefault("attribute", "tokenizer")
-            out.append(_callback_class("EMA", where)(**kwargs))
-        else:
-            out.append(_callback_class(key, where)(**kwargs))
-    return out
-
-
-def build_tokenizer_training(cfg: Any, **module_kwargs: Any):
-    """Turn a tokenizer recipe into ``(module, datamodule, trainer_kwargs, callbacks)``.
-
-    ``cfg`` (a dict or OmegaConf ``DictConfig``) has the sections ``model`` (``preset`` +
-    ``overrides`` or ``weights``; ``schedule_mode``, ``scale_drop_rate``, ``detach_residual``),
-    ``loss``, ``optim`` (see :data:`TOKENIZER_RECIPE_KEYS`), ``data`` (``name`` + the DataModule's
-    kwargs, built with ``infinity_lightning.datamodules.build_datamodule``), ``trainer`` (Lightning
-    ``Trainer`` kwargs) and ``callbacks`` (see :func:`_build_callbacks`), plus
-    optional ``task`` (must be ``"tokenizer"``) and ``seed``.  Unknown keys raise ``KeyError``
-    naming the section.  ``module_kwargs`` go to :class:`BSQTokenizerModule` as-is (for
-    modules that cannot live in a YAML file, e.g. ``fid_feature``).
-    """
-    cfg = _plain(cfg)
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"tokenizer recipe must be a mapping, got {type(cfg).__name__}")
-    _check_keys("<top level>", cfg, _TOP_KEYS)
-    if cfg.get("task", "tokenizer") != "tokenizer":
-        raise ValueError(f"tokenizer recipe: task is {cfg['task']!r}, expected 'tokenizer'")
-    model_cfg = dict(cfg.get("model") or {})
-    loss_cfg = dict(cfg.get("loss") or {})
-    optim_cfg = dict(cfg.get("optim") or {})
-    for section, given in (("model", model_cfg), ("loss", loss_cfg), ("optim", optim_cfg)):
-        _check_keys(section, given, TOKENIZER_RECIPE_KEYS[section])
-    trainer_kwargs = dict(cfg.get("trainer") or {})
-    trainer_params = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-    _check_keys("trainer", trainer_kwargs, trainer_params)
-    if "gradient_clip_val" in trainer_kwargs:
-        raise KeyError("tokenizer recipe: 'trainer.gradient_clip_val' does not apply to manual optimization; "
-                       "use 'optim.grad_clip'")
-    if cfg.get("seed") is not None:
-        pl.seed_everything(int(cfg["seed"]), workers=True)
-
-    tokenizer = _build_tokenizer(model_cfg)
-    schedule_kwargs = {k: model_cfg[k] for k in ("schedule_mode", "scale_drop_rate", "detach_residual")
-                       if k in model_cfg}
-    kwargs = {**schedule_kwargs, **loss_cfg, **optim_cfg, **module_kwargs}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    module = BSQTokenizerModule(tokenizer, **kwargs)
-    datamodule = _build_datamodule(cfg.get("data") or {"name": "photos"})
-    callbacks = _build_callbacks(cfg.get("callbacks"))
-    return module, datamodule, trainer_kwargs, callbacks

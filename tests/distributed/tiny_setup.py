@@ -92,8 +92,10 @@ class SlicedData(pl.LightningDataModule):
 
 
 def make_module(parallelize_fn=None, activation_checkpointing=None, optimizer="adamw") -> BitwiseVARModule:
-    return BitwiseVARModule(make_transformer(), None, None, pn=None, lr=LR, weight_decay=0.01, betas=(0.9, 0.95),
-                            cond_drop_rate=0.0, activation_checkpointing=activation_checkpointing, optimizer=optimizer,
+    transformer = make_transformer()
+    transformer.set_activation_checkpointing(activation_checkpointing)
+    optim = {"lr": LR, "weight_decay": 0.01, "betas": (0.9, 0.95), "optimizer": optimizer}
+    return BitwiseVARModule(transformer, None, None, resolution=None, optim=optim, cond_drop_rate=0.0,
                             log_per_scale=False, parallelize_fn=parallelize_fn)
 
 

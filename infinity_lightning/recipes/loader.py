@@ -40,13 +40,17 @@ import inspect
 import os
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+if TYPE_CHECKING:
+    from ..io import PathLike
+
 __all__ = [
     "RecipeError",
+    "Switch",
     "load_recipe",
     "resolve_recipe",
     "list_recipes",
@@ -58,7 +62,6 @@ __all__ = [
     "to_dict",
 ]
 
-PathLike = Union[str, os.PathLike]
 BASE_KEY = "base"
 RECIPE_PACKAGE = "infinity_lightning.recipes_data"
 _ANY = object()  # marker: anything is accepted below this point
@@ -66,6 +69,11 @@ _ANY = object()  # marker: anything is accepted below this point
 
 class RecipeError(ValueError):
     """A recipe file, override or section is invalid; the message names the file and the key."""
+
+
+class Switch(dict):
+    """A section schema (key -> schema) whose value may also be ``true`` (on, with defaults),
+    ``false`` or ``null`` (off): the schema of a switchable component such as a callback."""
 
 
 # -- finding recipe files ---------------------------------------------------------------------
@@ -239,6 +247,8 @@ def _fields_of(schema: Any) -> Optional[Dict[str, Any]]:
 def _check(value: Any, schema: Any, key: str, where: Callable[[str], str]) -> None:
     if schema is Any or schema is _ANY or schema is dict and isinstance(value, Mapping):
         return
+    if isinstance(schema, Switch) and (value is None or isinstance(value, bool)):
+        return
     fields = _fields_of(schema)
     if fields is not None:
         if value is None and isinstance(schema, type):
@@ -339,13 +349,15 @@ def validate(cfg: Any, schema: Any, source: str = "recipe",
 
 
 # -- keyword-argument sections ----------------------------------------------------------------
-def check_kwargs(fn: Callable, kwargs: Any, where: str) -> Dict[str, Any]:
+def check_kwargs(fn: Callable, kwargs: Any, where: str, prefix: str = "",
+                 exclude: Sequence[str] = ()) -> Dict[str, Any]:
     """Check that ``fn`` (a function or class) accepts every keyword in ``kwargs``.
 
     Returns ``kwargs`` as a resolved plain dict.  An unknown name is a :class:`RecipeError`
-    naming ``where`` (e.g. ``"recipe x.yaml, section model"``), close matches and every valid
-    name.  Callables taking ``**kwargs`` accept anything.  Missing required arguments are left to
-    the call itself, since the caller often supplies some of them.
+    naming ``where`` (e.g. ``"recipe x.yaml"``), the dotted key (``prefix.name``), close matches
+    and every valid name (``exclude``: names that are not for the user to set).  Callables taking
+    ``**kwargs`` accept anything.  Missing required arguments are left to the call itself, since
+    the caller often supplies some of them.
     """
     kwargs = to_dict(kwargs, where) if kwargs is not None else {}
     if not isinstance(kwargs, Mapping):
@@ -359,23 +371,26 @@ def check_kwargs(fn: Callable, kwargs: Any, where: str) -> Dict[str, Any]:
     params = [p for name, p in sig.parameters.items() if name != "self"]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return kwargs
-    valid = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    valid = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+             and p.name not in exclude]
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
-        name = getattr(fn, "__qualname__", repr(fn))
+        name = getattr(fn, "__qualname__", repr(fn)).removesuffix(".__init__")
         parts = []
         for k in unknown:
             close = difflib.get_close_matches(k, valid, n=3)
-            parts.append(f"'{k}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise RecipeError(f"{where}: {name} does not accept {', '.join(parts)}. Valid names: {', '.join(valid)}")
+            key = f"{prefix}.{k}" if prefix else k
+            parts.append(f"'{key}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise RecipeError(f"{where}: unknown key {', '.join(parts)}: {name} does not take it. "
+                          f"Valid names: {', '.join(valid)}")
     return kwargs
 
 
-def trainer_kwargs(trainer_cfg: Any, where: str = "recipe section 'trainer'") -> Dict[str, Any]:
+def trainer_kwargs(trainer_cfg: Any, where: str = "recipe") -> Dict[str, Any]:
     """``lightning.Trainer`` keyword arguments from a recipe section, checked against its signature."""
     from lightning.pytorch import Trainer
 
-    return check_kwargs(Trainer, trainer_cfg, where)
+    return check_kwargs(Trainer, trainer_cfg, where, prefix="trainer")
 
 
 # -- saving -----------------------------------------------------------------------------------
@@ -384,7 +399,7 @@ def save_recipe(cfg: Any, path: PathLike) -> Path:
 
     Interpolations are resolved, so the file records the values the run actually used.
     """
-    from .io import atomic_write
+    from ..io import atomic_write
 
     container = to_dict(cfg, str(path)) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     text = OmegaConf.to_yaml(OmegaConf.create(container))
