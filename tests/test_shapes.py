@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,14 @@ from infinity_lightning.datamodules import (
     parse_caption,
     render_shapes,
 )
-from infinity_lightning.datamodules.shapes import DEFAULT_COLOURS, DEFAULT_SHAPES
+from infinity_lightning.datamodules.shapes import (
+    CELL_GAP,
+    DEFAULT_COLOURS,
+    DEFAULT_MODES,
+    DEFAULT_SHAPES,
+    POSITION_PHRASES,
+    RELATIONS,
+)
 
 N = 160  # scenes scored per condition (all caption modes, all colours and shapes)
 
@@ -155,3 +163,73 @@ def test_checker_accepts_tensor_uint8_and_pil():
     for x in (img, u8, pm1, np.asarray(img)):
         assert checker.check(x, spec)["both"]
     assert checker.detect(img)[0].shape == "triangle"
+
+
+QUICKSTART_HOLDOUT = ["red square", "green triangle", "blue circle"]
+
+
+@pytest.mark.parametrize("modes, object_counts", [(None, {1, 2, 3}), ({"pair": 1}, {2}), ({"relation": 1}, {2}),
+                                                  ({"count": 1}, {2, 3}), ({"position": 1}, {1})])
+def test_holdout_pairs_are_never_named_in_any_caption(modes, object_counts):
+    gen = ShapesGenerator(shapes=("circle", "square", "triangle"), holdout_pairs=QUICKSTART_HOLDOUT, modes=modes,
+                          seed=11)
+    held = {tuple(p.split()) for p in QUICKSTART_HOLDOUT}
+    pattern = re.compile(r"\b(red squares?|green triangles?|blue circles?)\b")
+    kinds = set()
+    for i in range(1500):
+        spec = gen.spec(i)
+        assert not pattern.search(spec.caption), spec.caption
+        assert not {p[:2] for p in parse_caption(spec.caption)} & held, spec.caption
+        assert not {(o.colour, o.shape) for o in spec.objects} & held, spec.caption
+        kinds.add(len(spec.objects))
+    assert kinds == object_counts
+
+
+def test_default_mixture_composes_every_caption_kind_in_its_proportions():
+    gen = ShapesGenerator(seed=3)
+    assert DEFAULT_MODES == {"single": 0.3, "pair": 0.25, "position": 0.15, "relation": 0.15, "count": 0.15}
+    caps = [gen.spec(i).caption for i in range(4000)]
+    relation_words = tuple(f" {p} " for p in RELATIONS.values())
+    share = {
+        "relation": sum(any(w in c for w in relation_words) for c in caps) / len(caps),
+        "pair": sum(" and " in c for c in caps) / len(caps),
+        "count": sum(c.split()[0] in ("two", "three") for c in caps) / len(caps),
+        "position": sum(any(c.endswith(" " + p) for p in POSITION_PHRASES.values()) for c in caps) / len(caps),
+    }
+    share["single"] = 1 - sum(share.values())
+    for mode, weight in DEFAULT_MODES.items():
+        assert abs(share[mode] - weight) < 0.03, (mode, share[mode])
+    # the quick start's switch still gives single objects only
+    single = ShapesGenerator(single_object=True, modes={"relation": 1.0})
+    assert all(len(single.spec(i).objects) == 1 for i in range(50))
+    with pytest.raises(ValueError, match=r"unknown caption modes \['triples'\]"):
+        ShapesGenerator(modes={"triples": 1.0})
+
+
+def test_relation_scenes_stand_in_their_relation_and_objects_never_touch():
+    gen = ShapesGenerator(modes={"relation": 1, "count": 1, "pair": 1}, seed=5)
+    seen = set()
+    for i in range(600):
+        spec = gen.spec(i)
+        for a, b in ((a, b) for k, a in enumerate(spec.objects) for b in spec.objects[k + 1:]):
+            gap = max(abs(a.cx - b.cx) - (a.size + b.size) / 2, abs(a.cy - b.cy) - (a.size + b.size) / 2)
+            assert gap >= CELL_GAP - 1e-9
+        rel = next((r for r, phrase in RELATIONS.items() if f" {phrase} " in spec.caption), None)
+        if rel is None:
+            continue
+        seen.add(rel)
+        a, b = spec.objects
+        dx, dy = a.cx - b.cx, a.cy - b.cy
+        axis, other, sign = {"left of": (dx, dy, -1), "right of": (dx, dy, 1), "above": (dy, dx, -1),
+                             "below": (dy, dx, 1)}[rel]
+        assert axis * sign > 0.2 and abs(other) < abs(axis), spec
+    assert seen == set(RELATIONS)
+
+
+def test_datamodule_takes_the_mixture_from_recipe_arguments():
+    dm = ShapesDataModule(num_samples=16, batch_size=16, image_size=32, modes={"count": 1.0},
+                          shapes=["circle", "square", "triangle"], holdout_pairs=QUICKSTART_HOLDOUT)
+    batch = next(iter(dm.train_dataloader()))
+    assert all(c.split()[0] in ("two", "three") for c in batch["captions"])
+    with pytest.raises(ValueError, match="unknown caption modes"):
+        ShapesDataModule(modes={"pairs": 1.0})

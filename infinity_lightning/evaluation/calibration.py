@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 from PIL import Image, ImageDraw
 
-from infinity_lightning.datamodules.shapes import PALETTE, POSITIONS, RELATIONS, ShapeObject, render_shapes
+from infinity_lightning.datamodules.shapes import PALETTE, POSITIONS, ShapeObject, render_shapes, shape_polygon
 
 from .checker import DEGRADATIONS, HELD_OUT_GROUP, StrictShapesChecker, srgb_to_lab
 from .protocol import Protocol, ProtocolItem, load_protocol
@@ -66,6 +66,21 @@ def _with(spec: PromptSpec, index: int, **changes: Any) -> PromptSpec:
     return PromptSpec(tuple(objs), changes.get("relation", spec.relation))
 
 
+def _equidistant_mix(a: Sequence[int], b: Sequence[int]) -> Tuple[int, int, int]:
+    """The RGB mix of ``a`` and ``b`` equally far from both in Lab (bisection on the mix weight)."""
+    la, lb = srgb_to_lab(a), srgb_to_lab(b)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        t = (lo + hi) / 2
+        mix = np.asarray(a) * (1 - t) + np.asarray(b) * t
+        lab = srgb_to_lab(mix)
+        if np.linalg.norm(lab - la) < np.linalg.norm(lab - lb):
+            lo = t
+        else:
+            hi = t
+    return tuple(int(round(v)) for v in np.asarray(a) * (1 - lo) + np.asarray(b) * lo)
+
+
 def _canvas(size: int, background: str) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
     img = Image.new("RGB", (size * 4, size * 4), PALETTE[background])
     return img, ImageDraw.Draw(img)
@@ -112,6 +127,19 @@ def adversarial_cases(protocol: Optional[Protocol] = None, *, per_family: int = 
         small = Image.fromarray(rng.integers(0, 256, (low, low, 3), dtype=np.uint8))
         out["smooth_noise"].append(AdversarialCase("smooth_noise", small.resize((size, size), Image.BICUBIC),
                                                    it.spec, it.category))
+    for k, it in enumerate(spread[2 * per_family:3 * per_family]):
+        # noise confined to a disc or square on a clean background: no background test stops it,
+        # the object's colour spread and shape fit must
+        img = np.array(Image.new("RGB", (size, size), PALETTE[bg]))
+        low = int(rng.integers(3, 9))
+        noise = (np.asarray(Image.fromarray(rng.integers(0, 256, (low, low, 3), dtype=np.uint8)).resize(
+            (size, size), Image.BICUBIC)) if k % 2 else rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        r = rng.uniform(0.2, 0.35)
+        region = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 <= r * r) if k % 4 < 2 else (
+            (abs(xx - 0.5) <= r) & (abs(yy - 0.5) <= r))
+        img[region] = noise[region]
+        out["noise_patch"].append(AdversarialCase("noise_patch", Image.fromarray(img), it.spec, it.category))
     blank = Image.new("RGB", (size, size), PALETTE[bg])
     out["blank"] = [AdversarialCase("blank", blank, it.spec, it.category) for it in spread[:per_family]]
     grids = [_grid_of_pairs(colours, shapes, size, bg, rng) for _ in range(4)]
@@ -146,10 +174,34 @@ def adversarial_cases(protocol: Optional[Protocol] = None, *, per_family: int = 
         draw.ellipse([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], fill=rgb)
         out["flat_ellipse"].append(AdversarialCase("flat_ellipse", img.reduce(4), it.spec, it.category))
         img, draw = _canvas(size, bg)
-        r = rng.uniform(0.1, 0.14) * size * 4
-        for dx in (-0.8 * r, 0.8 * r):  # two overlapping discs: a peanut
-            draw.ellipse([cx + dx - r, cy - r, cx + dx + r, cy + r], fill=rgb)
+        r = rng.uniform(0.09, 0.12) * size * 4
+        lobes = 2 + len(out["irregular_blob"]) % 2  # a peanut of two discs, or a clover of three
+        turn = rng.uniform(0, 2 * np.pi)
+        for j in range(lobes):
+            a = turn + 2 * np.pi * j / lobes
+            reach = 0.75 * r if lobes == 2 else r  # overlapping lobes, one component
+            dx, dy = reach * np.cos(a), reach * np.sin(a)
+            draw.ellipse([cx + dx - r, cy + dy - r, cx + dx + r, cy + dy + r], fill=rgb)
         out["irregular_blob"].append(AdversarialCase("irregular_blob", img.reduce(4), it.spec, it.category))
+        # perceptually halfway (equally far in Lab) between the named colour and its nearest other
+        # palette colour
+        lab = srgb_to_lab(rgb)
+        neighbour = min((c for c in PALETTE if c not in (o.colour, bg)),
+                        key=lambda c: float(np.linalg.norm(srgb_to_lab(PALETTE[c]) - lab)))
+        mixed = _equidistant_mix(rgb, PALETTE[neighbour])
+        scene = scene_for_spec(it.spec, it.seed)
+        objects = [ShapeObject("gray", ob.shape, ob.cx, ob.cy, ob.size) for ob in scene.objects]
+        img, draw = _canvas(size, bg)
+        for ob in objects:  # drawn as render_shapes would, in the mixed colour
+            side = ob.size * size * 4
+            x0, y0 = ob.cx * size * 4 - side / 2, ob.cy * size * 4 - side / 2
+            if ob.shape == "circle":
+                draw.ellipse([x0, y0, x0 + side - 1, y0 + side - 1], fill=mixed)
+            elif ob.shape == "square":
+                draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=mixed)
+            else:
+                draw.polygon(shape_polygon(ob.shape, x0, y0, side), fill=mixed)
+        out["blended_colour"].append(AdversarialCase("blended_colour", img.reduce(4), it.spec, it.category))
     pairs = [(c, s) for c in colours for s in shapes
              if f"{c} {s}" not in protocol.world.get("holdout_pairs", [])]
     for it in pick(set(_SINGLE) | {"two_objects", "colour_attribution", "position"}):
@@ -191,9 +243,9 @@ def adversarial_cases(protocol: Optional[Protocol] = None, *, per_family: int = 
 
 #: Adversarial families, each a failure the lenient checker let through.
 ADVERSARIAL_FAMILIES: Tuple[str, ...] = (
-    "uniform_noise", "smooth_noise", "blank", "grid_of_all_pairs", "wrong_colour", "off_palette_colour",
-    "wrong_shape", "speck", "line", "flat_ellipse", "irregular_blob", "extra_object", "wrong_count",
-    "swapped_position", "swapped_attribution",
+    "uniform_noise", "smooth_noise", "noise_patch", "blank", "grid_of_all_pairs", "wrong_colour",
+    "off_palette_colour", "blended_colour", "wrong_shape", "speck", "line", "flat_ellipse", "irregular_blob",
+    "extra_object", "wrong_count", "swapped_position", "swapped_attribution",
 )
 
 
@@ -220,14 +272,17 @@ def calibrate(protocol: Optional[Protocol] = None, *, checker: Optional[StrictSh
     accepted: Dict[str, float] = {}
     failures: Dict[str, List[str]] = {}
 
+    by_group: Dict[str, Dict[str, float]] = {}
+
     def run(name: str, images: Sequence[Any]) -> None:
-        flags = []
+        flags: Dict[str, List[bool]] = {}
         for it, img in zip(protocol.items, images):
             verdict = checker.check(img, it.spec, it.category)
-            flags.append(verdict.passed)
+            flags.setdefault(it.category, []).append(verdict.passed)
             if not verdict.passed:
                 failures.setdefault(name, []).append(f"{it.id} {it.prompt!r}: {verdict.reason}")
-        accepted[name] = _rate(flags)
+        accepted[name] = _rate([f for group in flags.values() for f in group])
+        by_group[name] = {group: _rate(v) for group, v in flags.items()}
 
     run("clean", clean)
     for name in degradations:
@@ -259,7 +314,7 @@ def calibrate(protocol: Optional[Protocol] = None, *, checker: Optional[StrictSh
         rejected[family], counts[family] = _rate(flags), len(flags)
     return {
         "protocol": f"{protocol.name} v{protocol.version}", "items": len(protocol.items),
-        "image_size": protocol.image_size, "accepted": accepted, "rejected": rejected,
+        "image_size": protocol.image_size, "accepted": accepted, "accepted_by_group": by_group, "rejected": rejected,
         "adversarial_cases": counts, "failures": {k: v[:5] for k, v in failures.items()},
         "failure_counts": {k: len(v) for k, v in failures.items()}, "seconds": round(time.time() - t0, 1),
     }
