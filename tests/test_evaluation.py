@@ -163,7 +163,8 @@ def test_correct_renders_of_every_item_pass_clean_and_degraded(protocol, checker
 def test_tensor_uint8_and_pil_inputs_agree(checker):
     img = _scene(("blue", "triangle", 0.5, 0.5, 0.6))
     u8 = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-    for x, rng in ((img, (0, 1)), (np.asarray(img), (0, 1)), (u8.float() / 255, (0, 1)), (u8.float() / 127.5 - 1, (-1, 1))):
+    inputs = ((img, (0, 1)), (np.asarray(img), (0, 1)), (u8.float() / 255, (0, 1)), (u8.float() / 127.5 - 1, (-1, 1)))
+    for x, rng in inputs:
         assert StrictShapesChecker(value_range=rng).check(x, "a blue triangle").passed
     assert not StrictShapesChecker(value_range=(0, 1)).check(u8.float() / 127.5 - 1, "a blue triangle").passed
 
@@ -240,7 +241,8 @@ def test_counts_positions_and_attribution(checker):
     # grid position: the centroid's cell
     one = _scene(("blue", "square", 0.15, 0.17, 0.22))
     assert checker.check(one, "a blue square at the top left").passed
-    assert "at the top left, expected the bottom right" in checker.check(one, "a blue square at the bottom right").reason
+    v = checker.check(one, "a blue square at the bottom right")
+    assert "at the top left, expected the bottom right" in v.reason
     # relations, both ways round
     scene = _scene(("red", "circle", 0.2, 0.5, 0.22), ("blue", "square", 0.8, 0.5, 0.22))
     assert checker.check(scene, "a red circle to the left of a blue square").passed

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``evaluate``."""
     parser.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder to evaluate")
     parser.add_argument("--protocol", metavar="FILE", help="protocol file (default: the shipped shapes_v1.json)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for report.json, report.md, grid.png")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder for report.json, report.md and grid.png")
     parser.add_argument("--subset", type=int, metavar="K", help="only K items per category (a fixed, even spread)")
     s = parser.add_argument_group("sampling (defaults: the pipeline's)")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale")

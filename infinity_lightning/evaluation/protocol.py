@@ -35,7 +35,7 @@ import numpy as np
 
 from infinity_lightning.datamodules.shapes import PALETTE, POSITIONS, RELATIONS, SHAPE_NAMES
 
-from .checker import CATEGORIES, GROUPS, HELD_OUT_GROUP
+from .checker import GROUPS, HELD_OUT_GROUP
 from .specs import ObjectSpec, PromptSpec, SpecError, prompt_for, spec_from_dict
 
 __all__ = ["Protocol", "ProtocolItem", "ProtocolError", "build_shapes_protocol", "protocol_to_json",

@@ -96,7 +96,8 @@ def evaluate(generate_fn: GenerateFn, protocol: Union[None, Protocol, str, os.Pa
             results.append({"id": it.id, "category": it.category, "prompt": it.prompt, "seed": it.seed,
                             "passed": verdict.passed, "reason": verdict.reason,
                             "objects": [o.describe() for o in verdict.analysis.objects],
-                            "specks": verdict.analysis.specks})
+                            "specks": verdict.analysis.specks,
+                            "detections": [o.to_dict() for o in verdict.analysis.objects]})
             images.append(img)
         if progress is not None:
             progress(len(results), len(items))
