@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from .ema import EMA
 from .sample_logger import SampleLogger, make_grid
 from .self_correction import SelfCorrectionSchedule
+from .time_budget import TimeBudget
 
 #: Recipe name -> (callback class, default keyword arguments).
 CALLBACKS: Dict[str, Tuple[type, Dict[str, Any]]] = {
@@ -19,6 +20,7 @@ CALLBACKS: Dict[str, Tuple[type, Dict[str, Any]]] = {
     "sample_logger": (SampleLogger, {}),
     "checkpoint": (ModelCheckpoint, {}),
     "lr_monitor": (LearningRateMonitor, {"logging_interval": "step"}),
+    "time_budget": (TimeBudget, {}),
 }
 
 
@@ -30,4 +32,4 @@ def build_callback(name: str, kwargs: Mapping[str, Any]) -> Callback:
     return cls(**{**defaults, **dict(kwargs)})
 
 
-__all__ = ["CALLBACKS", "EMA", "SampleLogger", "SelfCorrectionSchedule", "build_callback", "make_grid"]
+__all__ = ["CALLBACKS", "EMA", "SampleLogger", "SelfCorrectionSchedule", "TimeBudget", "build_callback", "make_grid"]

@@ -17,17 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the ``quickstart`` subcommand."""
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     parser.add_argument("--budget-minutes", type=float, default=15.0,
-                        help="wall-clock budget of the whole run; training steps shrink to fit it (default 15)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the recipes, networks and evaluation (default 0)")
-    parser.add_argument("--num-eval-prompts", type=int, default=128,
-                        help="in-distribution single-object prompts to generate and score (default 128)")
+                        help="wall-clock budget of the whole run; training follows it (default 15)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the recipes and networks (default 0)")
+    parser.add_argument("--protocol", default=None,
+                        help="evaluation protocol file (default: the shipped strict protocol shapes_v1)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: one per core; use 1 on a machine shared with other jobs)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of a few steps (under a minute; the scores mean nothing)")
-    parser.add_argument("--tau", type=float, default=None,
-                        help="sampling temperature (default: the VAR recipe's module.sample_kwargs.tau)")
+                        help="a smoke run of a few steps (a minute or two; the scores mean nothing)")
     parser.add_argument("--tokenizer-recipe", default="tokenizer/quickstart",
                         help="tokenizer recipe (default tokenizer/quickstart)")
     parser.add_argument("--var-recipe", default="var/quickstart", help="transformer recipe (default var/quickstart)")
@@ -43,16 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from ..quickstart import run_quickstart
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.num_eval_prompts < 1:
-        raise SystemExit("--num-eval-prompts must be at least 1")
     if args.budget_minutes <= 0:
         raise SystemExit("--budget-minutes must be positive")
-    summary = run_quickstart(args.out, budget_minutes=args.budget_minutes, seed=args.seed,
-                             num_eval_prompts=args.num_eval_prompts, device=args.device, threads=args.threads,
-                             quick=args.quick, tau=args.tau, tokenizer_recipe=args.tokenizer_recipe,
+    summary = run_quickstart(args.out, budget_minutes=args.budget_minutes, seed=args.seed, device=args.device,
+                             threads=args.threads, quick=args.quick, tokenizer_recipe=args.tokenizer_recipe,
                              var_recipe=args.var_recipe, tokenizer_overrides=args.tokenizer_set,
-                             var_overrides=args.var_set)
-    print(f"summary: {summary['out']}/summary.json, samples: {summary['out']}/samples.png, "
-          f"TensorBoard: tensorboard --logdir {summary['out']}/logs")
+                             var_overrides=args.var_set, protocol=args.protocol)
+    print(f"summary: {summary['out']}/summary.json, report card: {summary['out']}/eval/report.md, "
+          f"samples: {summary['out']}/eval/grid.png, TensorBoard: tensorboard --logdir {summary['out']}/logs")
     print(f"load it: InfinityPipeline.from_pretrained({summary['out']!r})")
     return 0
