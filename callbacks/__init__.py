@@ -9,6 +9,7 @@ from typing import Any, Dict, Mapping, Tuple
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from .ema import EMA
+from .evaluation import ProtocolEvaluation
 from .sample_logger import SampleLogger, make_grid
 from .self_correction import SelfCorrectionSchedule
 from .time_budget import TimeBudget
@@ -21,6 +22,7 @@ CALLBACKS: Dict[str, Tuple[type, Dict[str, Any]]] = {
     "checkpoint": (ModelCheckpoint, {}),
     "lr_monitor": (LearningRateMonitor, {"logging_interval": "step"}),
     "time_budget": (TimeBudget, {}),
+    "evaluation": (ProtocolEvaluation, {}),
 }
 
 
@@ -32,4 +34,4 @@ def build_callback(name: str, kwargs: Mapping[str, Any]) -> Callback:
     return cls(**{**defaults, **dict(kwargs)})
 
 
-__all__ = ["CALLBACKS", "EMA", "SampleLogger", "SelfCorrectionSchedule", "TimeBudget", "build_callback", "make_grid"]
+__all__ = ["CALLBACKS", "EMA", "ProtocolEvaluation", "SampleLogger", "SelfCorrectionSchedule", "TimeBudget", "build_callback", "make_grid"]
