@@ -105,7 +105,7 @@ def measure(pipe, resolution: str, args, device: torch.device) -> dict:
     _, vh, vw = schedule.with_patchify(pipe.transformer.config.apply_spatial_patchify).tokenizer_side[-1]
     d = pipe.tokenizer.codebook_dim
     codes = bits_to_codes(torch.randint(0, 2, (1, 1, vh, vw, d), device=device)).squeeze(2)
-    with pipe._autocast():
+    with pipe.autocast():
         _sync(device)
         t0 = time.perf_counter()
         pipe.tokenizer.decode(codes)

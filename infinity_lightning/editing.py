@@ -38,13 +38,13 @@ generation sum of the codes, channels-last), so ``variations(keep_scales=0)`` eq
 ``pipe(prompt, seed=s)``.  When no bit is sampled (``keep_scales = K``) the transformer does not
 run: the result is the decoder applied to the quantizer's own sum, the tokenizer's reconstruction.
 
-The functions take an :class:`~infinity_lightning.pipeline.InfinityPipeline` and use its
-components, ``device``, ``dtype``, ``offload``, ``sampling``, ``token_stride``, ``schedule_for`` and
-``encode_prompt``.  They return an :class:`EditOutput`, which is also the sequence of its images.
+The functions take an :class:`~infinity_lightning.pipeline.InfinityPipeline` (also as its methods
+``pipe.inpaint``, ``pipe.outpaint``, ``pipe.variations``) and use its components, ``device``,
+``sampling``, ``token_stride``, ``schedule_for``, ``encode_prompt``, ``on_device`` and
+``autocast``.  They return an :class:`EditOutput`, which is also the sequence of its images.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -57,6 +57,7 @@ from PIL import Image
 
 from . import images as _images
 from . import scales as _scales
+from .outputs import check_output_type, to_output
 from .sampling import ForceBits, SamplingConfig, generate, images_to_uint8
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -69,8 +70,6 @@ __all__ = ["EditOutput", "encode_image_bits", "scale_masks", "inpaint", "outpain
 #: Where :func:`outpaint` places the image on the canvas.
 OUTPAINT_ANCHORS = ("center", "top", "bottom", "left", "right", "top-left", "top-right", "bottom-left",
                     "bottom-right")
-#: As the pipeline's: "tensor" in [-1, 1] (the decoder's range), "pt" in [0, 1].
-_OUTPUT_TYPES = ("pil", "np", "pt", "tensor")
 
 
 @dataclasses.dataclass
@@ -306,25 +305,6 @@ def scale_masks(mask: MaskInput, schedule: Sequence[Sequence[int]], grow: int = 
 
 
 # -- running ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _placed(pipe: Any, module: torch.nn.Module):
-    """``module`` on the pipeline's device while used (only moved when the pipeline offloads)."""
-    offload = bool(getattr(pipe, "offload", False))
-    if offload:
-        module.to(pipe.device)
-    try:
-        yield module
-    finally:
-        if offload:
-            module.to("cpu")
-
-
-def _autocast(pipe: Any):
-    if pipe.dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=pipe.device.type, dtype=pipe.dtype)
-
-
 def _sampling(pipe: Any, sampling: Optional[SamplingConfig], **options: Any) -> SamplingConfig:
     """The call's sampler options: ``sampling`` (default the pipeline's) with non-None overrides."""
     return (sampling or pipe.sampling).replace(**options)
@@ -351,8 +331,7 @@ def _seeds(seed: Union[None, int, Sequence[int]], n: int) -> List[int]:
 
 
 def _check_common(output_type: str, num_images_per_prompt: int) -> None:
-    if output_type not in _OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+    check_output_type(output_type)
     if isinstance(num_images_per_prompt, bool) or int(num_images_per_prompt) != num_images_per_prompt \
             or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt!r}")
@@ -381,10 +360,10 @@ def _generate_forced(pipe: Any, prompts: List[str], negative_prompt: Optional[Pr
     for i, s in enumerate(seeds):
         hooks = [ForceBits(bits, mask=keep, patchify=patchify)] if bits else []
         generator = torch.Generator(device=pipe.device).manual_seed(int(s))
-        with _placed(pipe, pipe.transformer), _autocast(pipe):
+        with pipe.on_device(pipe.transformer), pipe.autocast():
             out = generate(pipe.transformer, text.select([i]), schedule, config, generator=[generator], hooks=hooks,
                            negative_text=neg.select([i]) if neg is not None else None)
-        with _placed(pipe, pipe.tokenizer), _autocast(pipe):
+        with pipe.on_device(pipe.tokenizer), pipe.autocast():
             decoded.append(pipe.tokenizer.decode(out.summed_codes.to(pipe.device), dtype=config.decode_dtype,
                                                  channels_last=config.decode_channels_last).float().cpu())
         labels.append([b.cpu() for b in out.bit_labels])
@@ -406,16 +385,16 @@ def _outputs(decoded: List[torch.Tensor], output_type: str, source: _Source, alp
     """Decoder outputs (1, 3, H, W) in [-1, 1] -> the requested type, blended with the source when
     ``alpha`` (the generated image's weight, (H, W)) is given: in float for "tensor"/"pt", on the
     uint8 pixels (the source's own, exactly) for "pil"/"np"."""
+    if alpha is None:
+        return to_output([d[0] for d in decoded], output_type)
     x = torch.cat(decoded)
     if output_type in ("tensor", "pt"):
-        if alpha is not None:
-            x = alpha * x + (1 - alpha) * source.pixels
+        x = alpha * x + (1 - alpha) * source.pixels
         return x if output_type == "tensor" else (x + 1) / 2
     pixels = images_to_uint8(x).numpy()
-    if alpha is not None:
-        a = alpha.numpy()[None, :, :, None].astype(np.float64)
-        mixed = np.rint(a * pixels + (1 - a) * source.uint8[None]).astype(np.uint8)
-        pixels = np.where(a == 0, source.uint8[None], np.where(a == 1, pixels, mixed))
+    a = alpha.numpy()[None, :, :, None].astype(np.float64)
+    mixed = np.rint(a * pixels + (1 - a) * source.uint8[None]).astype(np.uint8)
+    pixels = np.where(a == 0, source.uint8[None], np.where(a == 1, pixels, mixed))
     if output_type == "np":
         return pixels
     return [Image.fromarray(p) for p in pixels]
@@ -616,7 +595,7 @@ def variations(pipe: Any, image: ImageInput, prompt: Prompts = "", keep_scales: 
     seeds = _seeds(seed, len(all_prompts))
     if keep_scales == K:
         # nothing to sample: the decoder on the quantizer's own sum (the tokenizer's reconstruction)
-        with _placed(pipe, pipe.tokenizer), _autocast(pipe):
+        with pipe.on_device(pipe.tokenizer), pipe.autocast():
             recon = pipe.tokenizer.decode(summed.to(pipe.device), dtype=config.decode_dtype,
                                           channels_last=config.decode_channels_last).float().cpu()
         decoded, labels = [recon.clone() for _ in seeds], [list(image_bits) for _ in seeds]

@@ -11,6 +11,14 @@ Example::
 
 Folder layouts, Hub downloads and ``pipeline.json`` are described in :mod:`infinity_lightning.loading`.
 
+*Editing.*  ``pipe.inpaint(prompt, image, mask)``, ``pipe.outpaint(prompt, image, aspect_ratio)``
+and ``pipe.variations(image, prompt, keep_scales)`` (:mod:`infinity_lightning.editing`) force the
+image's bits where it is kept and sample the rest with this pipeline's components and settings.
+
+*LoRA.*  ``from_pretrained(..., lora=folder)``, ``pipe.load_lora(folder, adapter_name, scale)``,
+``pipe.set_adapters(names, weights)``, ``pipe.unload_lora(name)`` and ``pipe.fuse_lora()``
+(:mod:`infinity_lightning.pipeline_lora`).
+
 *Seeds and batching.*  Every image draws its bits from its own ``torch.Generator``: ``seed=s``
 gives image ``i`` (prompt-major, then ``num_images_per_prompt``) the generator seeded ``s + i``;
 ``generator=[g_0, g_1, ...]`` gives one per image.  Image ``i`` is then exactly ``pipe(prompts[i],
@@ -20,10 +28,9 @@ advances exactly as in a call of its own); images then match up to float roundin
 products round differently; bf16 can flip bits near a tie).  One ``generator`` (not a list) samples
 the whole call as one batch from that single stream, as :func:`~infinity_lightning.sampling.generate`.
 
-*Output types.*  ``"pil"`` (list of RGB images), ``"np"`` (uint8 (N, H, W, 3)), ``"pt"`` (float
-(N, 3, H, W) in [0, 1], as diffusers) and ``"tensor"`` (float (N, 3, H, W) in [-1, 1], the decoder's
-range, as the editing functions return; ``pt == (tensor + 1) / 2``).  Images of different sizes
-(several aspect ratios in one call) come as a list.
+*Output types.*  ``"pil"``, ``"np"``, ``"pt"`` (in [0, 1]) and ``"tensor"`` (in [-1, 1]), as
+:mod:`infinity_lightning.outputs` describes; images of different sizes (several aspect ratios in
+one call) come as a list.
 
 *Progress.*  ``progress=None`` (default) shows a bar over the scales when stderr is a terminal
 (tqdm's rule: none in logs, pipes and CI); ``True`` always, ``False`` never.
@@ -36,26 +43,26 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from . import editing
 from .dtypes import parse_dtype
 from .loading import check_components, load_components, released_variant, save_components
 from .models.text_encoder import PromptTruncatedWarning, TextFeatures
+from .outputs import OUTPUT_TYPES, check_output_type, to_output
+from .pipeline_lora import LoraLoaderMixin, LoraSources, lora_sources
+from .pipeline_plan import CallPlan, plan_call, progress_hook
 from .presets import RELEASED_VARIANTS, released_sampling
-from .sampling import SamplingConfig, generate, images_to_uint8
+from .sampling import SamplingConfig, generate
 from .scales import ScaleSchedule, resolve
 
 PathLike = Union[str, os.PathLike]
 Prompts = Union[None, str, Sequence[str]]
 
 __all__ = ["InfinityPipeline", "InfinityPipelineOutput", "OUTPUT_TYPES"]
-
-OUTPUT_TYPES = ("pil", "np", "pt", "tensor")
 #: Default resolution of a model that is not a released architecture.
 CUSTOM_RESOLUTION = "0.06M"
 
@@ -89,43 +96,6 @@ class InfinityPipelineOutput:
         return iter(self.images)
 
 
-@dataclasses.dataclass
-class _Plan:
-    """One validated call: config, per-image seeds / generators / schedules / prompt, batches of images."""
-
-    config: SamplingConfig
-    seeds: List[Optional[int]]
-    generators: Union[torch.Generator, List[torch.Generator]]
-    schedules: List[ScaleSchedule]
-    owner: List[int]
-    batches: List[List[int]]
-
-
-def _progress_hook(bar) -> SimpleNamespace:
-    """A sampling hook that advances ``bar`` once per scale."""
-    def on_bits(scale: int, bits: torch.Tensor) -> torch.Tensor:
-        bar.update(1)
-        return bits
-    return SimpleNamespace(on_bits=on_bits)
-
-
-def _to_output(images: Sequence[torch.Tensor], output_type: str) -> Any:
-    """Decoder outputs, each (3, H, W) in [-1, 1] -> the requested type (a list when sizes differ)."""
-    if len({tuple(t.shape) for t in images}) > 1:
-        return [_to_output([t], output_type)[0] for t in images]
-    x = torch.stack(list(images)).float().cpu()
-    if output_type == "tensor":
-        return x
-    if output_type == "pt":
-        return (x + 1) / 2
-    pixels = images_to_uint8(x)
-    if output_type == "np":
-        return pixels.numpy()
-    from PIL import Image
-
-    return [Image.fromarray(p.numpy()) for p in pixels]
-
-
 @contextlib.contextmanager
 def _text_limit(encoder: nn.Module, limit: int):
     """The encoder cuts prompts at ``limit`` tokens, without its own per-prompt notices
@@ -151,7 +121,7 @@ def _as_list(value: Prompts, what: str) -> List[str]:
     return items
 
 
-class InfinityPipeline:
+class InfinityPipeline(LoraLoaderMixin):
     """Text-to-image generation with an Infinity transformer, its BSQ-VAE tokenizer and a text encoder.
 
     Args:
@@ -205,27 +175,35 @@ class InfinityPipeline:
                         device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
                         offload: bool = False, resolution: Any = None,
                         sampling: Union[None, SamplingConfig, Mapping[str, Any]] = None,
-                        **loading: Any) -> "InfinityPipeline":
+                        lora: LoraSources = None, **loading: Any) -> "InfinityPipeline":
         """Load a pipeline from a folder or a Hub repository id (:mod:`infinity_lightning.loading`).
 
         ``loading``: keywords of :func:`~infinity_lightning.loading.load_components` (``transformer``,
         ``tokenizer``, ``text_encoder`` overrides, ``variant``, ``use_ema``, ``text_encoder_dtype``,
         ``text_encoder_quantization``, ``revision``, ``cache_dir``, ...).  ``resolution`` and
         ``sampling`` (a config, or fields over the stored ones) override what ``pipeline.json`` stores.
+        ``lora``: LoRA adapter folders to load (:meth:`load_lora`): one folder, a list, or
+        ``{adapter name: folder}``; each at scale 1.
         """
+        sources = lora_sources(lora)  # a bad argument fails before anything loads
         device = _device(device)
         loaded = load_components(path_or_repo_id, device="cpu" if offload else device, **loading)
         if not isinstance(sampling, SamplingConfig):
             sampling = {**released_sampling(loaded.transformer.config), **loaded.settings.sampling,
                         **dict(sampling or {})}
-        return cls(loaded.transformer, loaded.tokenizer, loaded.text_encoder, device=device, dtype=dtype,
+        pipe = cls(loaded.transformer, loaded.tokenizer, loaded.text_encoder, device=device, dtype=dtype,
                    resolution=resolution if resolution is not None else loaded.settings.resolution,
                    sampling=sampling, offload=offload)
+        for name, folder in sources:
+            pipe.load_lora(folder, adapter_name=name)
+        return pipe
 
     def save_pretrained(self, folder: PathLike, format: str = "safetensors") -> Path:
         """Write the generic layout (:func:`~infinity_lightning.loading.save_components`): the three
         components and ``pipeline.json`` with this pipeline's default schedule and sampling settings;
-        ``format`` is "safetensors" or "released" (.pth).  Returns the folder."""
+        ``format`` is "safetensors" or "released" (.pth).  Returns the folder.  A transformer with
+        LoRA adapters is refused: :meth:`fuse_lora` or :meth:`unload_lora` first."""
+        self._check_no_adapters("save_pretrained")
         return save_components(folder, self.transformer, self.tokenizer, self.text_encoder, self.resolution,
                                self.sampling, format=format)
 
@@ -249,7 +227,9 @@ class InfinityPipeline:
         return self
 
     @contextlib.contextmanager
-    def _on_device(self, module: nn.Module):
+    def on_device(self, module: nn.Module):
+        """Context manager: ``module`` is on :attr:`device` inside (moved there and back to the CPU
+        only when offloading; otherwise it is there already).  Yields the module."""
         if self.offload:
             module.to(self.device)
         try:
@@ -260,7 +240,9 @@ class InfinityPipeline:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the transformer and the decoder: none for fp32, bf16 autocast on
+        :attr:`device` for a bf16 pipeline."""
         exact = self.dtype == torch.float32
         return contextlib.nullcontext() if exact else torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -317,7 +299,7 @@ class InfinityPipeline:
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder; pass TextFeatures as prompt_embeds")
         unique = list(dict.fromkeys(prompts))
-        with self._on_device(self.text_encoder), _text_limit(self.text_encoder, self.text_length):
+        with self.on_device(self.text_encoder), _text_limit(self.text_encoder, self.text_length):
             rows = {p: self.text_encoder.encode([p]).kv_compact.float() for p in unique}
         return TextFeatures.pack([rows[p].to(self.device) for p in prompts])
 
@@ -357,14 +339,13 @@ class InfinityPipeline:
 
         Returns an :class:`InfinityPipelineOutput` (also the sequence of its images).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_output_type(output_type)
         if prompt_embeds is None:
             prompts = _as_list(prompts, "prompts")
         n_prompts = len(prompts) if prompt_embeds is None else len(prompt_embeds)
         negs = self._negatives(negative_prompt, n_prompts) if negative_prompt_embeds is None else None
-        plan = self._plan(n_prompts, seed, generator, aspect_ratio, resolution, num_images_per_prompt, batch_size,
-                          (sampling or self.sampling).replace(**options))
+        plan = plan_call(self.schedule_for, self.device, n_prompts, seed, generator, aspect_ratio, resolution,
+                         num_images_per_prompt, batch_size, (sampling or self.sampling).replace(**options))
         self._check_text(prompts, negs, prompt_embeds, negative_prompt_embeds, truncate_prompts)
         text = prompt_embeds.to(self.device) if prompt_embeds is not None else self._encode(prompts)
         neg = negative_prompt_embeds.to(self.device) if negative_prompt_embeds is not None else (
@@ -372,7 +353,7 @@ class InfinityPipeline:
         if neg is not None and len(neg) == 1 and n_prompts > 1:
             neg = neg.select([0] * n_prompts)
         bar = self._progress_bar(plan, progress)
-        hooks = list(hooks) + ([_progress_hook(bar)] if bar is not None else [])
+        hooks = list(hooks) + ([progress_hook(bar)] if bar is not None else [])
         decoded: Dict[int, torch.Tensor] = {}
         bits: Dict[int, List[torch.Tensor]] = {}
         steps: Dict[int, List[torch.Tensor]] = {}
@@ -387,9 +368,9 @@ class InfinityPipeline:
                 bar.close()
         n = len(plan.owner)
         return InfinityPipelineOutput(
-            images=_to_output([decoded[i] for i in range(n)], output_type), seeds=plan.seeds, sampling=plan.config,
+            images=to_output([decoded[i] for i in range(n)], output_type), seeds=plan.seeds, sampling=plan.config,
             schedules=plan.schedules, bit_labels=[bits[i] for i in range(n)] if return_bits else None,
-            progression=[_to_output(steps[i], output_type) for i in range(n)] if return_progression else None)
+            progression=[to_output(steps[i], output_type) for i in range(n)] if return_progression else None)
 
     def _negatives(self, negative_prompt: Prompts, n_prompts: int) -> Optional[List[str]]:
         negs = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
@@ -410,57 +391,7 @@ class InfinityPipeline:
         if negs is not None:
             self.check_prompts(negs, truncate, what="negative prompt")
 
-    def _plan(self, n_prompts: int, seed, generator, aspect_ratio, resolution, num_images_per_prompt: int,
-              batch_size: Optional[int], config: SamplingConfig) -> _Plan:
-        if n_prompts == 0:
-            raise ValueError("no prompts given")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
-            raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
-        n = n_prompts * num_images_per_prompt
-        owner = [i // num_images_per_prompt for i in range(n)]
-        ratios = [aspect_ratio] * n_prompts if isinstance(aspect_ratio, (int, float)) else list(aspect_ratio)
-        if len(ratios) != n_prompts:
-            raise ValueError(f"{len(ratios)} aspect ratios for {n_prompts} prompts; give one or one per prompt")
-        per_prompt = [self.schedule_for(float(r), resolution) for r in ratios]
-        schedules = [per_prompt[p] for p in owner]
-        seeds, generators = self._random_streams(seed, generator, n)
-        groups: Dict[ScaleSchedule, List[int]] = {}
-        for i, schedule in enumerate(schedules):
-            groups.setdefault(schedule, []).append(i)
-        batches = []
-        for members in groups.values():
-            step = len(members) if (batch_size is None or isinstance(generators, torch.Generator)) else int(batch_size)
-            batches += [members[j:j + step] for j in range(0, len(members), step)]
-        return _Plan(config, seeds, generators, schedules, owner, batches)
-
-    def _random_streams(self, seed, generator, n: int):
-        """(per-image seeds, per-image generators or one shared generator)."""
-        if generator is not None:
-            if seed is not None:
-                raise ValueError("give seed or generator, not both")
-            gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
-            if not isinstance(generator, torch.Generator) and len(gens) != n:
-                raise ValueError(f"{len(gens)} generators for {n} images; give one generator or one per image")
-            for i, g in enumerate(gens):
-                if not isinstance(g, torch.Generator) or g.device.type != self.device.type:
-                    raise ValueError(f"generator {i} must be a torch.Generator on {self.device.type} (the pipeline's "
-                                     f"device), got {getattr(g, 'device', type(g).__name__)}")
-            return [None] * n, generator if isinstance(generator, torch.Generator) else gens
-        if seed is None:
-            base = int(torch.randint(0, 2 ** 31 - 1, ()).item())
-            seeds = [base + i for i in range(n)]
-        elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            seeds = [int(seed) + i for i in range(n)]
-        else:
-            seeds = [int(s) for s in seed]
-            if len(seeds) != n:
-                raise ValueError(f"{len(seeds)} seeds for {n} images; give one base seed or one per image")
-        return seeds, [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-
-    def _progress_bar(self, plan: _Plan, progress: Optional[bool]):
+    def _progress_bar(self, plan: CallPlan, progress: Optional[bool]):
         if progress is False:
             return None
         from tqdm.auto import tqdm
@@ -468,23 +399,42 @@ class InfinityPipeline:
         total = sum(len(plan.schedules[b[0]]) for b in plan.batches)
         return tqdm(total=total, desc="scales", unit="scale", disable=None if progress is None else False)
 
-    def _sample_batch(self, members: List[int], plan: _Plan, text: TextFeatures, neg: Optional[TextFeatures],
+    def _sample_batch(self, members: List[int], plan: CallPlan, text: TextFeatures, neg: Optional[TextFeatures],
                       hooks: List[Any], return_progression: bool):
         """One sampling call for the images ``members`` (one schedule): decoded images (B, 3, H, W)
         in [-1, 1], bit labels per scale (B, 1, h, w, d) and, with progression, per scale (B, 3, H, W)."""
         schedule, rows = plan.schedules[members[0]], [plan.owner[i] for i in members]
         gens, config = plan.generators, plan.config
         gens = gens if isinstance(gens, torch.Generator) else [gens[i] for i in members]
-        with self._on_device(self.transformer), self._autocast():
+        with self.on_device(self.transformer), self.autocast():
             out = generate(self.transformer, text.select(rows), schedule, config, generator=gens, hooks=hooks,
                            negative_text=neg.select(rows) if neg is not None else None)
-        with self._on_device(self.tokenizer), self._autocast():
+        with self.on_device(self.tokenizer), self.autocast():
             images = self.tokenizer.decode(out.summed_codes.to(self.device), dtype=config.decode_dtype,
                                            channels_last=config.decode_channels_last).float().cpu()
             frames = [self.tokenizer.decode_from_bits([b.to(self.device) for b in out.bit_labels[:k]],
                                                       schedule.tokenizer_side).float().cpu()
                       for k in range(1, len(schedule) + 1)] if return_progression else []
         return images, [b.cpu() for b in out.bit_labels], frames
+
+    # ---- editing (infinity_lightning.editing) -------------------------------------------------
+    def inpaint(self, prompt: Prompts, image: Any, mask: Any, **kwargs: Any) -> "editing.EditOutput":
+        """Regenerate the masked region of ``image`` (white / True = regenerate) for ``prompt``; the
+        tokens outside keep the image's bits exactly.  ``kwargs``: those of
+        :func:`~infinity_lightning.editing.inpaint` (``seed``, ``grow``, ``blend``, ``feather``,
+        ``keep_scales``, ``cfg``, ``tau``, ``output_type``, ...).  Returns an ``EditOutput``."""
+        return editing.inpaint(self, prompt, image, mask, **kwargs)
+
+    def outpaint(self, prompt: Prompts, image: Any, aspect_ratio: float, **kwargs: Any) -> "editing.EditOutput":
+        """Extend ``image`` to the canvas of the aspect-ratio template ``aspect_ratio`` (h/w); the
+        new area is generated (:func:`~infinity_lightning.editing.outpaint`)."""
+        return editing.outpaint(self, prompt, image, aspect_ratio, **kwargs)
+
+    def variations(self, image: Any, prompt: Prompts = "", keep_scales: Optional[int] = None,
+                   **kwargs: Any) -> "editing.EditOutput":
+        """Images keeping the first ``keep_scales`` scales of ``image``'s bits (None: half of them)
+        and sampling the rest (:func:`~infinity_lightning.editing.variations`)."""
+        return editing.variations(self, image, prompt, keep_scales, **kwargs)
 
     def generate_per_scale(self, prompt: str, **kwargs: Any) -> Any:
         """The images after 1, 2, ..., K scales for one prompt (``kwargs`` as :meth:`__call__`):
@@ -494,6 +444,9 @@ class InfinityPipeline:
     def __repr__(self) -> str:
         cfg, width = self.transformer.config, getattr(self.text_encoder, "width", None)
         sampling = self.sampling.to_dict(only=("cfg", "tau", "top_k", "top_p"))
+        from .lora import lora_configs
+
+        adapters = f", LoRA adapters {list(lora_configs(self.transformer))}" if lora_configs(self.transformer) else ""
         return (f"InfinityPipeline(transformer depth {cfg.depth} x {cfg.embed_dim}, tokenizer "
                 f"d{self.tokenizer.config.codebook_dim}, text encoder width {width}, device {self.device}, "
-                f"dtype {self.dtype}, resolution {self.resolution!r}, sampling {sampling})")
+                f"dtype {self.dtype}, resolution {self.resolution!r}, sampling {sampling}{adapters})")

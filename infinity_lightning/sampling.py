@@ -39,7 +39,8 @@ from .models import numerics
 from .models.bsq_vae import bilinear_resize, bits_to_codes
 from .models.infinity import InfinityTransformer, unpack_text
 
-__all__ = ["SamplingConfig", "GenerationOutput", "ForceBits", "generate", "sample_bits", "images_to_uint8"]
+__all__ = ["SamplingConfig", "GenerationOutput", "ForceBits", "generate", "sample_bits", "images_to_uint8",
+           "vae_to_tokens"]
 
 #: A per-scale value: one number for every scale, or one per scale.
 PerScale = Union[float, Sequence[float]]
@@ -163,6 +164,26 @@ class GenerationOutput:
     logits: List[torch.Tensor] = field(default_factory=list)
 
 
+def vae_to_tokens(labels: torch.Tensor, patchify: bool = False) -> torch.Tensor:
+    """Tokenizer-layout bit labels (B, 1, H, W, d) -> token layout (B, h*w, d_tok), the inverse of
+    what the sampler returns as ``bit_labels``.
+
+    Without patchify a token is one latent position (h, w = H, W; d_tok = d).  With 2x2 patchify
+    a token is a 2x2 block of positions (h, w = H/2, W/2; d_tok = 4d, ordered as
+    ``pixel_unshuffle``: bit-major, then the block's row and column).  Labels already in token
+    layout (B, L, d_tok) are returned as they are.
+    """
+    if labels.dim() == 3:
+        return labels
+    if labels.dim() != 5 or labels.shape[1] != 1:
+        raise ValueError(f"bit labels must be (B, 1, H, W, d) or (B, L, d_tok), got shape {tuple(labels.shape)}")
+    B, _, H, W, d = labels.shape
+    if not patchify:
+        return labels.reshape(B, H * W, d)
+    t = F.pixel_unshuffle(labels.squeeze(1).permute(0, 3, 1, 2), 2)
+    return t.reshape(B, t.shape[1], -1).transpose(1, 2)
+
+
 class ForceBits:
     """Hook that replaces sampled bits by given ones.
 
@@ -174,18 +195,8 @@ class ForceBits:
 
     def __init__(self, bits: Sequence[torch.Tensor], mask: Optional[Sequence[torch.Tensor]] = None,
                  patchify: bool = False):
-        self.bits = [self._tokens(b, patchify) for b in bits]
+        self.bits = [vae_to_tokens(b, patchify) for b in bits]
         self.mask = list(mask) if mask is not None else None
-
-    @staticmethod
-    def _tokens(b: torch.Tensor, patchify: bool) -> torch.Tensor:
-        if b.dim() == 3:
-            return b
-        B, _, H, W, d = b.shape
-        if not patchify:
-            return b.reshape(B, H * W, d)
-        t = F.pixel_unshuffle(b.squeeze(1).permute(0, 3, 1, 2), 2)
-        return t.reshape(B, t.shape[1], -1).transpose(1, 2)
 
     def on_bits(self, scale: int, bits: torch.Tensor) -> torch.Tensor:
         if scale >= len(self.bits):

@@ -18,7 +18,7 @@ from infinity_lightning import editing, images
 from infinity_lightning.cli import main
 from infinity_lightning.pipeline import InfinityPipeline
 from infinity_lightning.tiny import make_tiny_pipeline
-from infinity_lightning.sampling import ForceBits, generate, images_to_uint8
+from infinity_lightning.sampling import ForceBits, generate, images_to_uint8, vae_to_tokens
 
 PROMPT = "a photo of a cat"
 RES = 128  # 16 px tokens: grids 1, 2, 4, 6, 8 (the 6x6 cells overlap, 128 / 6 is not whole)
@@ -55,7 +55,7 @@ def _block_mask(size=RES, rows=(40, 88), cols=(24, 72)) -> np.ndarray:
 
 def _token_bits(labels: torch.Tensor, patchify: bool) -> torch.Tensor:
     """VAE-layout labels (1, 1, H, W, d) -> token layout (h*w, d_tok)."""
-    return ForceBits._tokens(labels, patchify)[0]
+    return vae_to_tokens(labels, patchify)[0]
 
 
 def _vae_schedule(schedule, patchify):
