@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "METADATA_FILENAME",
+    "is_dtensor",
     "ACTIVATION_CHECKPOINTING",
     "MIXED_PRECISION",
     "STRATEGIES",
@@ -89,7 +91,8 @@ def _can_group_modules() -> bool:
     return _torch_version() >= (2, 6)
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or state sharded by FSDP2 / tensor parallel)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch < 2.4
@@ -348,7 +351,7 @@ def make_strategy(name: str = "auto", **kwargs: Any):
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
-_METADATA_FILENAME = "meta.pt"
+METADATA_FILENAME = "meta.pt"
 
 
 def _read_distributed_checkpoint(folder: Path) -> Dict[str, Any]:
@@ -364,7 +367,7 @@ def _read_distributed_checkpoint(folder: Path) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:  # pragma: no cover
         dcp_to_torch_save(str(folder), os.path.join(tmp, "full.pt"))
         checkpoint = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)
-    meta = folder / _METADATA_FILENAME  # pragma: no cover
+    meta = folder / METADATA_FILENAME  # pragma: no cover
     if meta.is_file():  # pragma: no cover
         checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
     return checkpoint  # pragma: no cover
@@ -404,8 +407,8 @@ def consolidate_checkpoint(folder: PathLike, out_file: PathLike, *, keep_optimiz
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; a distributed checkpoint is a folder of shard files "
                               f"(a single-file checkpoint needs no consolidation)")
-    if not (folder / _METADATA_FILENAME).is_file() or not (folder / ".metadata").is_file():
-        raise CheckpointError(f"{folder} is not a distributed Lightning checkpoint: it needs {_METADATA_FILENAME} "
+    if not (folder / METADATA_FILENAME).is_file() or not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} is not a distributed Lightning checkpoint: it needs {METADATA_FILENAME} "
                               "and .metadata (written by ModelParallelStrategy(save_distributed_checkpoint=True))")
     if out_file.resolve() == folder.resolve():
         raise ValueError("consolidate_checkpoint: out_file must differ from the checkpoint folder")

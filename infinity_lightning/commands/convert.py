@@ -51,9 +51,9 @@ def consolidate(folder: Path, out_file: Path) -> Path:
     :func:`infinity_lightning.parallel.consolidate_checkpoint`, which also restores the EMA
     averages to ``ema_state``; other ``torch.distributed.checkpoint`` folders are merged as they are.
     """
-    from ..parallel import _METADATA_FILENAME, consolidate_checkpoint
+    from ..parallel import METADATA_FILENAME, consolidate_checkpoint
 
-    if (folder / _METADATA_FILENAME).is_file():
+    if (folder / METADATA_FILENAME).is_file():
         return consolidate_checkpoint(folder, out_file, keep_optimizer=False)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
