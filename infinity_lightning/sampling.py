@@ -85,6 +85,8 @@ class SamplingConfig:
     decode_dtype: Optional[torch.dtype] = _option(None, "decoder dtype (fast path)")
     decode_channels_last: bool = _option(False, "decoder in channels-last layout (fast path)")
     compile: bool = _option(False, "torch.compile each block for this call")
+    cfg_schedule: Any = _option("constant", "guidance over the scales: 'constant', 'linear' (from none at the first "
+                                "scale to full cfg at the last), or a function (k, K) -> weight in [0, 1]", str)
 
     def __post_init__(self) -> None:
         for name in ("cfg", "tau"):
@@ -110,6 +112,9 @@ class SamplingConfig:
         if int(self.cfg_insertion_layer) > 0:
             raise ValueError("cfg_insertion_layer must be 0 (guidance on logits) or negative (on hidden states), "
                              f"got {self.cfg_insertion_layer!r}")
+        if not callable(self.cfg_schedule) and self.cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be 'constant', 'linear' or a function (k, K) -> weight, "
+                             f"got {self.cfg_schedule!r}")
 
     def replace(self, **changes: Any) -> "SamplingConfig":
         """A copy with ``changes`` applied (``None`` values are ignored); unknown names are an error."""
@@ -145,8 +150,15 @@ class SamplingConfig:
         return out
 
     def per_scale(self, num_scales: int) -> Dict[str, List[float]]:
-        """``{"cfg": [...], "tau": [...]}`` with one value per scale."""
-        return {"cfg": _per_scale(self.cfg, num_scales, "cfg"), "tau": _per_scale(self.tau, num_scales, "tau")}
+        """``{"cfg": [...], "tau": [...]}`` with one value per scale; ``cfg_schedule`` weights the
+        guidance of scale k as ``1 + (cfg_k - 1) * w(k, K)``."""
+        K, schedule = num_scales, self.cfg_schedule
+        if schedule == "linear":
+            schedule = lambda k, n: k / max(n - 1, 1)  # noqa: E731
+        elif schedule == "constant":
+            schedule = lambda k, n: 1.0  # noqa: E731
+        cfgs = [1.0 + (c - 1.0) * float(schedule(k, K)) for k, c in enumerate(_per_scale(self.cfg, K, "cfg"))]
+        return {"cfg": cfgs, "tau": _per_scale(self.tau, K, "tau")}
 
 
 @dataclass
