@@ -39,7 +39,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_quickstart", "QUICK_OVERRIDES", "TARGETS", "format_summary", "psnr"]
+__all__ = ["run_quickstart", "PhaseContext", "load_recipes", "build_text_encoder", "train_tokenizer", "encode_scenes",
+           "train_transformer", "export_pipeline", "evaluate_pipeline", "QUICK_OVERRIDES", "TARGETS", "format_summary",
+           "psnr"]
 
 #: What the full quick start aims for on an idle 2-core CPU (judged only for runs not shortened).
 TARGETS = {"overall": 0.75, "min_category": 0.5, "single_object": 0.95, "held_out_pairs": 0.9}
@@ -66,8 +68,9 @@ _TOKENIZER_SHARE = 0.3
 # run state
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _Run:
-    """What every phase needs: where to write, the clock and the budget."""
+class PhaseContext:
+    """What every phase needs: where to write, the clock and the budget (scripts that reuse the
+    phases, such as benchmarks/ablation_self_correction.py, build one)."""
 
     out: Path
     say: Callable[[str], None]
@@ -90,7 +93,7 @@ class _Run:
 
 
 class _Phase:
-    def __init__(self, run: _Run, name: str) -> None:
+    def __init__(self, run: PhaseContext, name: str) -> None:
         self.run, self.name = run, name
 
     def __enter__(self) -> "_Phase":
@@ -145,7 +148,7 @@ def _shapes_world(var_cfg: Mapping[str, Any], protocol: Any):
 # ----------------------------------------------------------------------------------------------
 # phases
 # ----------------------------------------------------------------------------------------------
-def build_text_encoder(run: _Run, var_cfg: Mapping[str, Any], vocabulary: Sequence[str]):
+def build_text_encoder(run: PhaseContext, var_cfg: Mapping[str, Any], vocabulary: Sequence[str]):
     """Phase 1: the tiny T5 (``DIR/text_encoder``) with a vocabulary of ``vocabulary``'s words."""
     from .models.text_encoder import TextEncoder
     from .presets import transformer_config
@@ -162,7 +165,7 @@ def build_text_encoder(run: _Run, var_cfg: Mapping[str, Any], vocabulary: Sequen
     return encoder
 
 
-def _fit(run: _Run, built: Any, name: str, minutes: float, datamodule: Any = None):
+def _fit(run: PhaseContext, built: Any, name: str, minutes: float, datamodule: Any = None):
     """Fit a built recipe under a :class:`TimeBudget`; returns (trainer, budget callback)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -192,7 +195,7 @@ class _Progress(pl.Callback):
                                                                         else ""))
 
 
-def train_tokenizer(run: _Run, tok_cfg: Mapping[str, Any], minutes: float):
+def train_tokenizer(run: PhaseContext, tok_cfg: Mapping[str, Any], minutes: float):
     """Phase 2: the tokenizer recipe under a time budget; exported and scored on new scenes."""
     from .checkpoints import save_tokenizer
     from .recipes import build_run
@@ -224,7 +227,7 @@ def train_tokenizer(run: _Run, tok_cfg: Mapping[str, Any], minutes: float):
     return tokenizer, summary
 
 
-def _sizes(run: _Run) -> Dict[str, Any]:
+def _sizes(run: PhaseContext) -> Dict[str, Any]:
     return dict(_QUICK if run.quick else _FULL)
 
 
@@ -247,7 +250,7 @@ def _scene_batches(generator: Any, indices: Sequence[int], size: int, batch: int
                "h_div_w_template": 1.0}
 
 
-def encode_scenes(run: _Run, var_cfg: Mapping[str, Any], world: Any, tokenizer: Any, encoder: Any) -> Dict[str, Path]:
+def encode_scenes(run: PhaseContext, var_cfg: Mapping[str, Any], world: Any, tokenizer: Any, encoder: Any) -> Dict[str, Path]:
     """Phase 3: training and validation scenes as tokenizer latents and text features."""
     from .datamodules.latents import precompute_latents
 
@@ -265,7 +268,7 @@ def encode_scenes(run: _Run, var_cfg: Mapping[str, Any], world: Any, tokenizer: 
     return {"train": train, "val": val}
 
 
-def train_transformer(run: _Run, var_cfg: Mapping[str, Any], files: Mapping[str, Path], tokenizer: Any, encoder: Any,
+def train_transformer(run: PhaseContext, var_cfg: Mapping[str, Any], files: Mapping[str, Path], tokenizer: Any, encoder: Any,
                       minutes: float):
     """Phase 4: the VAR recipe on the pre-encoded latents under a time budget; validation."""
     from .recipes import build_run
@@ -317,7 +320,7 @@ def _validate(module: Any, path: Path, batch_size: int) -> Dict[str, Any]:
             "acc_scale": [x / n for x in totals["acc_scale"]]}
 
 
-def export_pipeline(run: _Run, transformer: Any, tokenizer: Any, encoder: Any, var_cfg: Mapping[str, Any]):
+def export_pipeline(run: PhaseContext, transformer: Any, tokenizer: Any, encoder: Any, var_cfg: Mapping[str, Any]):
     """The trained components as a pipeline folder (``DIR``), loaded back as a user would."""
     from .pipeline import InfinityPipeline
     from .sampling import SamplingConfig
@@ -329,7 +332,7 @@ def export_pipeline(run: _Run, transformer: Any, tokenizer: Any, encoder: Any, v
     return InfinityPipeline.from_pretrained(run.out, device=run.device)
 
 
-def evaluate_pipeline(run: _Run, pipe: Any, protocol: Any) -> Dict[str, Any]:
+def evaluate_pipeline(run: PhaseContext, pipe: Any, protocol: Any) -> Dict[str, Any]:
     """Phase 5: the strict protocol through the exported pipeline; writes ``DIR/eval``."""
     from .evaluation import evaluate
 
@@ -396,7 +399,7 @@ def _quickstart(out: Path, budget_minutes: float, seed: int, device: str, thread
     from .evaluation import load_protocol
 
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(out, say, torch.device(device), float(budget_minutes) * 60.0, bool(quick), int(seed))
+    run = PhaseContext(out, say, torch.device(device), float(budget_minutes) * 60.0, bool(quick), int(seed))
     if threads:
         torch.set_num_threads(int(threads))
     if run.device.type == "cpu":
@@ -425,14 +428,14 @@ def _quickstart(out: Path, budget_minutes: float, seed: int, device: str, thread
     return summary
 
 
-def _reserve_s(var_cfg: Mapping[str, Any], protocol: Any, run: _Run) -> float:
+def _reserve_s(var_cfg: Mapping[str, Any], protocol: Any, run: PhaseContext) -> float:
     """Seconds set aside for encoding, export and evaluation (measured rates of a 2-core CPU:
     about 10 ms per encoded scene and 0.25 s per judged image, with a margin)."""
     n_eval = len(protocol.items) if not run.quick else len(protocol.groups())
     return 20.0 + 0.01 * int(var_cfg["data"]["num_samples"]) + 0.25 * n_eval
 
 
-def _summary(run: _Run, tok_cfg: Mapping[str, Any], var_cfg: Mapping[str, Any], tok: Dict[str, Any],
+def _summary(run: PhaseContext, tok_cfg: Mapping[str, Any], var_cfg: Mapping[str, Any], tok: Dict[str, Any],
              tr: Dict[str, Any], report: Mapping[str, Any], pipe: Any) -> Dict[str, Any]:
     categories = {k: dict(v) for k, v in report["categories"].items()}
     shortened = bool(tok["shortened"] or tr["shortened"])
