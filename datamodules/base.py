@@ -4,7 +4,7 @@ Batches
     Every training DataModule yields dicts ``{"images": float (B, 3, H, W) in [-1, 1],
     "captions": list[str], "h_div_w_template": float}``, plus ``"text_features": list[Tensor
     (len_i, C)]`` when a text-feature cache is configured.  All images of a batch share one
-    aspect-ratio template (the transformer's scale schedule is chosen per batch, spec 2.2):
+    aspect-ratio template (the transformer's scale schedule is chosen per batch, docs/model.md#scale-schedules):
     records are bucketed by their height/width onto :data:`infinity_lightning.scales.TEMPLATES`
     (or onto ``h_div_w_templates`` when given), and the pixel size of a bucket is
     ``scales.resolve(pn, template).pixel_size()``; an explicit square ``image_size`` (small models, the
@@ -32,6 +32,12 @@ Epochs, seeds, splitting
     changes every epoch.  ``False``: every record appears exactly once per epoch over all ranks
     and workers; the last batch of a bucket may be smaller and ranks may differ by one batch,
     which suits single-device training, validation and prediction.
+
+Captions
+    Text-to-image training needs a caption per record: a record without one is skipped (below).
+    ``require_captions=False`` (what tokenizer recipes set: a tokenizer learns from images alone)
+    accepts records without a caption, with ``""`` as their caption, so a plain image folder
+    trains a tokenizer.
 
 Bad data
     A record that cannot be used (missing, empty, truncated, undecodable or oversized image,
@@ -61,6 +67,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infinity_lightning import scales
+from infinity_lightning.errors import UserError
 
 from .transforms import DEFAULT_MAX_IMAGE_PIXELS, SkipSample, transform_image
 
@@ -74,7 +81,7 @@ _SKIPS_KEY = "skips"
 _MARKER_KEY = "_skips_only"
 
 
-class TooManySkipsError(RuntimeError):
+class TooManySkipsError(UserError, RuntimeError):
     """Raised when more records are skipped as unusable than the configured threshold allows."""
 
 
@@ -398,7 +405,8 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
     def __init__(self, source: IndexedSource, *, batch_size: int, seed: int = 0, pn: str = "0.06M",
                  image_size: Optional[int] = None, h_div_w_templates: Optional[Sequence[float]] = None,
                  shuffle: bool = True, drop_last: bool = True, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, text_cache: Optional[TextFeatureCache] = None) -> None:
+                 world_size: Optional[int] = None, text_cache: Optional[TextFeatureCache] = None,
+                 require_captions: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -412,6 +420,7 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.maker = _BatchMaker(text_cache)
+        self.require_captions = require_captions
         self.skips = SkipCounter()  # this process's counts (a worker's own copy in workers)
         if image_size is not None:
             templates = [1.0]
@@ -470,7 +479,9 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, int(i), 1])
         image, caption = self.source.load(int(i), rng, size)
         if not isinstance(caption, str) or not caption.strip():
-            raise SkipSample("empty_caption", self.source.describe(int(i)))
+            if self.require_captions:
+                raise SkipSample("empty_caption", self.source.describe(int(i)))
+            caption = ""
         return _to_tensor(image, size), caption
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -611,6 +622,9 @@ class ImageTextDataModule(L.LightningDataModule):
         text_cache_namespace: distinguishes caches of different text encoders in one folder.
         rank / world_size: used when ``torch.distributed`` is not initialised (to simulate ranks).
         pin_memory: DataLoader ``pin_memory``.
+        require_captions: skip records without a caption (``True``, text-to-image training) or
+            use them with the caption ``""`` (``False``, tokenizer training; tokenizer recipes set
+            it).  Read when the data is indexed, so it may be changed after construction.
     """
 
     def __init__(self, *, batch_size: int = 8, num_workers: int = 0, seed: int = 0, pn: str = "0.06M",
@@ -619,7 +633,8 @@ class ImageTextDataModule(L.LightningDataModule):
                  max_skips: Optional[int] = None, min_samples_for_skip_check: int = 100,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, text_encoder: Optional[TextEncoder] = None,
                  text_cache_dir: Optional[Union[str, Path]] = None, text_cache_namespace: str = "default",
-                 rank: Optional[int] = None, world_size: Optional[int] = None, pin_memory: bool = False) -> None:
+                 rank: Optional[int] = None, world_size: Optional[int] = None, pin_memory: bool = False,
+                 require_captions: bool = True) -> None:
         super().__init__()
         if image_size is None:
             scales.check_budget(pn)
@@ -647,6 +662,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.rank = rank
         self.world_size = world_size
         self.pin_memory = pin_memory
+        self.require_captions = bool(require_captions)
         self.train_dataset: Optional[IterableDataset] = None
         self.skips = SkipCounter()
         self.index_skips: Counter = Counter()
@@ -679,7 +695,8 @@ class ImageTextDataModule(L.LightningDataModule):
         ds = BucketBatchDataset(source, batch_size=self.batch_size, seed=self.seed, pn=self.pn,
                                 image_size=self.image_size, h_div_w_templates=self.h_div_w_templates,
                                 shuffle=self.shuffle, drop_last=self.drop_last, rank=self.rank,
-                                world_size=self.world_size, text_cache=self.make_text_cache())
+                                world_size=self.world_size, text_cache=self.make_text_cache(),
+                                require_captions=self.require_captions)
         if ds.num_batches() == 0:
             raise ValueError(
                 f"{type(self).__name__}: {len(source)} records give no full batch of {self.batch_size} per rank "

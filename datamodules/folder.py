@@ -3,8 +3,16 @@
 Captions come from a ``captions.jsonl`` file at the top of the folder (one
 ``{"file": <path relative to the folder>, "caption": ...}`` per line, optionally ``"h_div_w"``),
 or, for images it does not list, from a sidecar text file with the same stem
-(``cat/01.jpg`` -> ``cat/01.txt``, UTF-8).  Images without a caption are skipped and counted.
-Aspect ratios for bucketing are read from the image headers while indexing (no decoding).
+(``cat/01.jpg`` -> ``cat/01.txt``, UTF-8).  Images without a caption are skipped and counted,
+unless captions are not required (``require_captions=False``, set by tokenizer recipes): then a
+plain folder of images is enough and uncaptioned images get the caption ``""``.  Aspect ratios
+for bucketing are read from the image headers while indexing (no decoding).  Layout::
+
+    my_images/
+      captions.jsonl          optional: {"file": "cats/01.jpg", "caption": "a cat on a sofa"} per line
+      cats/01.jpg
+      cats/01.txt             optional: the caption of cats/01.jpg (when captions.jsonl does not list it)
+      dogs/02.png
 """
 from __future__ import annotations
 
@@ -44,11 +52,13 @@ class FolderSource(IndexedSource):
 
     def __init__(self, root: Union[str, Path], *, captions_file: Optional[str] = CAPTIONS_FILE,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, require_captions: bool = True) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            what = "is a file, not a folder" if self.root.exists() else "not found"
+            raise FileNotFoundError(f"image folder {self.root} {what} (data.data_dir)")
         self.max_image_pixels = max_image_pixels
+        self.require_captions = require_captions
         self.index_skips: Counter = Counter()
         self.index_attempted = 0
         exts = {e.lower() for e in extensions}
@@ -67,7 +77,7 @@ class FolderSource(IndexedSource):
             entry = listed.get(rel)
             sidecar = path.with_suffix(".txt")
             self.index_attempted += 1
-            if entry is None and not sidecar.exists():
+            if entry is None and not sidecar.exists() and self.require_captions:
                 self._skip("missing_caption", f"{path}: not in {captions_file} and no {sidecar.name}")
                 continue
             ratio = entry.get("h_div_w") if entry else None
@@ -113,6 +123,8 @@ class FolderSource(IndexedSource):
                     continue
                 caption = rec.get("caption")
                 if not isinstance(caption, str) or not caption.strip():
+                    if not self.require_captions:
+                        continue  # the image is used all the same
                     self.index_attempted += 1
                     self._skip("empty_caption" if isinstance(caption, str) else "missing_caption", where)
                     # Remembered so the image is neither captioned from a sidecar nor counted twice.
@@ -131,7 +143,16 @@ class FolderSource(IndexedSource):
         path = self.paths[index]
         caption = self.captions[index]
         if caption is None:
-            caption = read_caption_file(path.with_suffix(".txt"))
+            sidecar = path.with_suffix(".txt")
+            if self.require_captions or sidecar.exists():
+                try:
+                    caption = read_caption_file(sidecar)
+                except SkipSample:
+                    if self.require_captions:
+                        raise
+                    caption = ""
+            else:
+                caption = ""
         image = open_image(path, max_pixels=self.max_image_pixels)
         return image, caption
 
@@ -158,4 +179,4 @@ class ImageFolderDataModule(ImageTextDataModule):
 
     def build_source(self) -> FolderSource:
         return FolderSource(self.data_dir, captions_file=self.captions_file, extensions=self.extensions,
-                            max_image_pixels=self.max_image_pixels)
+                            max_image_pixels=self.max_image_pixels, require_captions=self.require_captions)

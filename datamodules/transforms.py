@@ -19,7 +19,7 @@ from typing import Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from infinity_lightning.images import pil_to_tensor, resize_cover_crop, to_rgb
+from infinity_lightning.images import oriented_size, pil_to_tensor, resize_cover_crop, to_rgb, upright
 
 #: Default pixel limit of a decoded image (decompression-bomb guard): 64 megapixels.
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
@@ -39,7 +39,8 @@ class SkipSample(Exception):
 
 def open_image(source: Union[str, os.PathLike, bytes], *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                name: str = "") -> Image.Image:
-    """Decode an image file (or its bytes) to a fully loaded RGB image.
+    """Decode an image file (or its bytes) to a fully loaded RGB image, upright as its EXIF
+    orientation says (:func:`infinity_lightning.images.upright`).
 
     Raises :class:`SkipSample` with reason ``missing_file``, ``empty_file``, ``not_an_image``,
     ``too_large`` (more than ``max_pixels`` pixels, PIL's decompression-bomb guard included) or
@@ -72,7 +73,7 @@ def open_image(source: Union[str, os.PathLike, bytes], *, max_pixels: int = DEFA
                 if w * h > max_pixels:
                     raise SkipSample("too_large", f"{label}: {w}x{h} exceeds {max_pixels} pixels")
                 img.load()
-                return to_rgb(img)
+                return to_rgb(upright(img))
     except SkipSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -84,7 +85,8 @@ def open_image(source: Union[str, os.PathLike, bytes], *, max_pixels: int = DEFA
 
 
 def image_aspect(source: Union[str, os.PathLike], *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> float:
-    """Height / width of an image file, read from its header only (no decoding)."""
+    """Height / width of an image file as it is seen (EXIF orientation applied), read from its
+    header only (no decoding)."""
     path = Path(source)
     try:
         if path.stat().st_size == 0:
@@ -95,7 +97,7 @@ def image_aspect(source: Union[str, os.PathLike], *, max_pixels: int = DEFAULT_M
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                w, h = img.size
+                w, h = oriented_size(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SkipSample("too_large", f"{path}: {e}") from None
     except UnidentifiedImageError:

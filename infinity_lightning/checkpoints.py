@@ -221,6 +221,19 @@ def _config_from_dict(stored: Mapping[str, Any], source: str) -> TokenizerConfig
         raise CheckpointError(f"{source}: stored {TOKENIZER_CONFIG_KEY} is invalid ({e})") from e
 
 
+def check_overrides_agree(stored: Any, cfg: Any, overrides: Mapping[str, Any], source: str,
+                          allowed: Any = ()) -> None:
+    """Raise :class:`CheckpointError` when an override changes a setting that a weights file stores
+    (``stored``: the file's config, ``cfg``: with the overrides applied; ``allowed``: fields that
+    may change, such as training-only rates).  The weights were trained with the stored value, so
+    another one would silently change the model; an override that repeats it is fine."""
+    conflicts = [f"{k}={getattr(cfg, k)!r} (the file has {getattr(stored, k)!r})" for k in overrides
+                 if k not in allowed and hasattr(stored, k) and getattr(cfg, k) != getattr(stored, k)]
+    if conflicts:
+        raise CheckpointError(f"{source} stores its architecture, and the override {', '.join(conflicts)} contradicts "
+                              "it; drop the override (the weights were trained with the stored value)")
+
+
 def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str] = None,
                    config: Optional[TokenizerConfig] = None, device: Union[str, torch.device] = "cpu",
                    dtype: Optional[torch.dtype] = None, **overrides: Any):
@@ -268,6 +281,8 @@ def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str
         base = (_config_from_dict(stored, source) if stored is not None
                 else infer_tokenizer_config(_rename_keys(raw, canonical_tokenizer_key, source), source))
         cfg = replace_config(base, overrides)
+        if stored is not None:
+            check_overrides_agree(base, cfg, overrides, source)
 
     try:
         with torch.device("meta"):
@@ -342,7 +357,7 @@ from infinity_lightning.transformer_checkpoints import (  # noqa: E402,F401
 )
 
 __all__ = [
-    "load_tokenizer", "save_tokenizer", "infer_tokenizer_config",
+    "load_tokenizer", "save_tokenizer", "check_overrides_agree", "infer_tokenizer_config",
     "load_transformer", "save_transformer", "infer_transformer_config", "extract_transformer_state",
     "transformer_state_dict",
 ]

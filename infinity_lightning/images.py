@@ -15,14 +15,14 @@ from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from infinity_lightning import scales
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "load_image", "to_rgb", "cover_size", "resize_cover_crop", "center_crop", "crop_to_multiple",
+    "load_image", "upright", "oriented_size", "to_rgb", "cover_size", "resize_cover_crop", "center_crop", "crop_to_multiple",
     "pil_to_tensor", "tensor_to_pil", "template_size", "hstack",
 ]
 
@@ -52,15 +52,49 @@ def to_rgb(img: Image.Image, background: Tuple[int, int, int] = (255, 255, 255))
     return img.convert("RGB")
 
 
+#: The EXIF tag that says how a camera held the picture.
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: rotated / mirrored as its EXIF orientation says
+    (phones store portrait photos as landscape pixels plus a tag), with the tag removed."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # unreadable EXIF: take the pixels as they are
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def oriented_size(img: Image.Image) -> Tuple[int, int]:
+    """``(width, height)`` of :func:`upright` ``(img)`` from the header alone (EXIF orientations
+    5-8 turn the picture by 90 degrees)."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:
+        return w, h
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_image(path: PathLike) -> Image.Image:
-    """Open an image file and return it as an RGB :class:`PIL.Image.Image` (see :func:`to_rgb`)."""
+    """Open an image file and return it as an RGB :class:`PIL.Image.Image`, upright as its EXIF
+    orientation says (:func:`upright`, :func:`to_rgb`).
+
+    ``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder, ``ValueError``
+    for a file that is not a readable image; each names the path.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 

@@ -21,10 +21,12 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
+from .errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file cannot be used: missing, corrupt, unsafe or of the wrong kind."""
 
 
@@ -41,18 +43,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` and atomically rename the result to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
-    # mkstemp creates the file 0600; give the result the permissions a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write_fn(tmp)
+        # mkstemp creates the file 0600, and writers that replace the file (safetensors' save_file)
+        # keep that: give the result the permissions a plain open() would, after writing.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from .checkpoints import load_tokenizer, load_transformer, save_tokenizer, save_transformer
 from .dtypes import parse_dtype
+from .errors import UserError
 from .io import CheckpointError, atomic_write
 from .models.infinity import TransformerConfig
 from .models.text_encoder import TextEncoder
@@ -83,7 +84,7 @@ STORED_SAMPLING = ("cfg", "tau", "top_k", "top_p", "gumbel", "cfg_insertion_laye
 _FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin", ".json", ".yaml", ".yml", ".txt", ".gguf")
 
 
-class ComponentMismatchError(ValueError):
+class ComponentMismatchError(UserError, ValueError):
     """The transformer, tokenizer and text encoder of a pipeline do not belong together."""
 
 

@@ -128,6 +128,11 @@ def _config_beside(path: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
+#: Config fields that only matter for training (or for how blocks are grouped), which an override
+#: may change in a model whose config is stored beside its weights.
+TRAINING_FIELDS = ("drop_path_rate", "cond_drop_rate", "block_chunks")
+
+
 def load_transformer(path_or_preset: Union[PathLike, str], *, config: Union[None, str, Mapping[str, Any], TransformerConfig] = None,
                      use_ema: bool = False, device: Union[str, torch.device] = "cpu",
                      dtype: Optional[torch.dtype] = None, **overrides: Any) -> InfinityTransformer:
@@ -156,9 +161,15 @@ def load_transformer(path_or_preset: Union[PathLike, str], *, config: Union[None
     elif isinstance(config, str):
         cfg = transformer_config(config, **overrides)
     else:
-        given = dict(config or _config_beside(p) or {})
+        stored = None if config else _config_beside(p)
+        given = dict(config or stored or {})
         given.update(overrides)
         cfg = infer_transformer_config(sd, source, **given)
+        if stored:
+            from .checkpoints import check_overrides_agree
+
+            check_overrides_agree(replace_config(cfg, {k: stored[k] for k in overrides if k in stored}), cfg,
+                                  overrides, f"transformer {source}", TRAINING_FIELDS)
     with torch.device("meta"):
         model = InfinityTransformer(cfg)
     sd = adapt_state_dict(model, sd)

@@ -39,7 +39,8 @@ def _image_folder(root: Path) -> Path:
 
 def _stand_ins(name: str, tmp: Path) -> List[str]:
     """Overrides replacing the weights and data a recipe needs by tiny local files."""
-    out = [f"+output_dir={tmp / 'run'}"] if name.startswith("var/") else []
+    # the var recipes' preset tokenizers (random weights) are what these builds are about
+    out = [f"+output_dir={tmp / 'run'}", "model.random_tokenizer=true"] if name.startswith("var/") else []
     if name == "var/quickstart":
         return out + ["data.num_samples=16"]
     if name == "var/emoji":
@@ -119,15 +120,15 @@ def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):
 def test_strategy_keys_map_to_our_strategies(tmp_path):
     from infinity_lightning.recipes import build_run, load_run_recipe
 
-    cfg, _, _ = load_run_recipe("var/quickstart", ["trainer.max_steps=1", "+trainer.strategy=fsdp",
+    cfg, _, _ = load_run_recipe("var/quickstart", ["model.random_tokenizer=true", "trainer.max_steps=1", "+trainer.strategy=fsdp",
                                                    "model.text_encoder=null"])
     with pytest.raises(ValueError, match="fsdp2"):
         build_run(cfg, tmp_path)
-    cfg, _, _ = load_run_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "optim.optimizer=adamw8bit",
+    cfg, _, _ = load_run_recipe("var/quickstart", ["model.random_tokenizer=true", "+trainer.strategy=fsdp2", "optim.optimizer=adamw8bit",
                                                    "model.text_encoder=null"])
     with pytest.raises(ValueError, match="8-bit"):
         build_run(cfg, tmp_path)
-    cfg, _, _ = load_run_recipe("var/quickstart", ["+trainer.strategy=fsdp2", "+module.parallelize.mixed_precision=fp32",
+    cfg, _, _ = load_run_recipe("var/quickstart", ["model.random_tokenizer=true", "+trainer.strategy=fsdp2", "+module.parallelize.mixed_precision=fp32",
                                                    "model.text_encoder=null"])
     run = build_run(cfg, tmp_path)
     assert type(run.trainer_kwargs["strategy"]).__name__ == "FSDP2Strategy"
@@ -137,13 +138,14 @@ def test_strategy_keys_map_to_our_strategies(tmp_path):
 def test_schedule_is_stated_once_and_the_data_size_follows(tmp_path):
     from infinity_lightning.recipes import build_run, load_run_recipe
 
-    cfg, _, _ = load_run_recipe("var/quickstart", ["schedule.resolution=32", "model.text_encoder=null"])
+    cfg, _, _ = load_run_recipe("var/quickstart", ["model.random_tokenizer=true", "schedule.resolution=32", "model.text_encoder=null"])
     run = build_run(cfg, tmp_path)
     assert run.datamodule.image_size == 32 and run.module.schedule_for(1.0)[-1] == (1, 4, 4)
-    cfg, _, _ = load_run_recipe("var/quickstart", ["+data.image_size=32", "model.text_encoder=null"])
+    cfg, _, _ = load_run_recipe("var/quickstart", ["model.random_tokenizer=true", "+data.image_size=32", "model.text_encoder=null"])
     with pytest.raises(RecipeError, match="data.image_size is derived from schedule.resolution"):
         build_run(cfg, tmp_path)
-    cfg, _, _ = load_run_recipe("var/pretrain_layer12_256", ["model.tokenizer=tiny", "model.text_encoder=null",
+    cfg, _, _ = load_run_recipe("var/pretrain_layer12_256", ["model.tokenizer=tiny", "model.random_tokenizer=true",
+                                                             "model.text_encoder=null",
                                                              f"data.data_dir={tmp_path}"])
     assert cfg.schedule.resolution == "0.06M"
 

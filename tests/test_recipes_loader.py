@@ -140,7 +140,7 @@ def test_missing_recipe_and_cycles(tmp_path):
 
 
 def test_builtin_recipe_names(tmp_path, monkeypatch):
-    import infinity_lightning.recipes as recipes_mod
+    import infinity_lightning.recipes.loader as recipes_mod
 
     (tmp_path / "var").mkdir()
     _write(tmp_path / "var", "quickstart.yaml", BASE)
@@ -172,7 +172,7 @@ def test_trainer_kwargs_validation(recipes):
     with pytest.raises(RecipeError) as info:
         trainer_kwargs(bad.trainer)
     msg = str(info.value)
-    assert "'max_epoch'" in msg and "max_epochs" in msg and "accumulate_grad_batches" in msg
+    assert "'trainer.max_epoch'" in msg and "max_epochs" in msg and "accumulate_grad_batches" in msg
 
 
 def test_check_kwargs():
@@ -184,8 +184,8 @@ def test_check_kwargs():
             pass
 
     assert check_kwargs(build, OmegaConf.create({"width": 3, "dropout": 0.1}), "section model") == {"width": 3, "dropout": 0.1}
-    with pytest.raises(RecipeError, match=r"section model: .*build does not accept 'dept' \(did you mean depth\?\)"
-                                          r".*Valid names: width, depth, dropout"):
+    with pytest.raises(RecipeError, match=r"section model: unknown key 'dept' \(did you mean depth\?\): .*build does "
+                                          r"not take it. Valid names: width, depth, dropout"):
         check_kwargs(build, {"dept": 3}, "section model")
     assert check_kwargs(Flexible, {"anything": 1}, "x") == {"anything": 1}
 

@@ -144,8 +144,14 @@ def test_unexpected_key_is_an_error(tmp_path):
 
 def test_wrong_shape_from_an_override_is_an_error(tmp_path):
     path = save_tokenizer(_random_vae(AUTO), tmp_path / "tok.pth")
-    with pytest.raises(StateDictMismatchError, match=r"encoder.conv_out.conv.weight: file \(16, 24, 3, 3\) vs model \(32, 24, 3, 3\)"):
+    # the file stores its architecture: the override is refused before any shape is compared
+    with pytest.raises(CheckpointError, match=r"the override codebook_dim=32 \(the file has 16\) contradicts it"):
         load_tokenizer(path, codebook_dim=32)
+    # without a stored architecture (inferred from the shapes), the shapes disagree
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    torch.save({"vae": obj["vae"]}, tmp_path / "bare.pth")
+    with pytest.raises(StateDictMismatchError, match=r"encoder.conv_out.conv.weight: file \(16, 24, 3, 3\) vs model \(32, 24, 3, 3\)"):
+        load_tokenizer(tmp_path / "bare.pth", codebook_dim=32)
 
 
 def test_transformer_file_gets_a_pointer_to_load_transformer(tmp_path):

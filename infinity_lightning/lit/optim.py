@@ -59,7 +59,8 @@ def param_groups(model: nn.Module, weight_decay: float, keys: Sequence[str] = NO
                  ) -> List[Dict[str, Any]]:
     """The ``"D"`` and ``"ND"`` AdamW groups of the trainable parameters of ``model``.
 
-    Each group is a dict with ``params``, ``names``, ``group`` ("D"/"ND"), ``weight_decay``
+    Each group is a dict with ``params``, ``names``, ``group`` ("D"/"ND"), ``name`` ("decay" /
+    "no_decay": how the learning-rate monitor labels the group), ``weight_decay``
     (``weight_decay`` for D, 0 for ND) and ``wd_scale`` (1 / 0, used by the WD schedule).
     Groups without parameters are left out.
     """
@@ -72,9 +73,9 @@ def param_groups(model: nn.Module, weight_decay: float, keys: Sequence[str] = NO
         target[0].append(name)
         target[1].append(p)
     groups = []
-    for tag, (names, params), wd_scale in (("D", decay, 1.0), ("ND", no_decay, 0.0)):
-        if params:
-            groups.append({"params": params, "names": names, "group": tag,
+    for tag, label, (names, params), wd_scale in (("D", "decay", decay, 1.0), ("ND", "no_decay", no_decay, 0.0)):
+        if params:  # "name" labels the group's learning rate in the logs: lr/decay, lr/no_decay
+            groups.append({"params": params, "names": names, "group": tag, "name": label,
                            "weight_decay": float(weight_decay) * wd_scale, "wd_scale": wd_scale})
     return groups
 

@@ -33,6 +33,7 @@ from torch import nn
 from .. import scales as _scales
 from ..models.text_encoder import TextFeatures
 from ..sampling import SamplingConfig, generate
+from ..errors import UserError
 from ..self_correction import draw_flip_masks, teacher_forcing_inputs
 from .losses import bit_accuracies, bitwise_cross_entropy, scale_token_weights
 from .optim import OptimConfig, describe_groups, param_groups, trainer_max_steps
@@ -48,7 +49,7 @@ _VAL_STEP = -1  # stands for the step in validation seeds
 _LOG_SAMPLING = SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised when more than ``max_nonfinite_steps`` steps had a non-finite loss or gradient."""
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .loader import (RecipeError, apply_overrides, check_kwargs, list_recipes, load_recipe, resolve_recipe,
+from .loader import (SECTIONS, RecipeError, apply_overrides, check_kwargs, list_recipes, load_recipe, resolve_recipe,
                      save_recipe, to_dict, trainer_kwargs, validate)
 
-_BUILD_NAMES = ("Run", "build_run", "load_run_recipe", "recipe_kind", "recipe_schema", "missing_values", "KINDS")
+_BUILD_NAMES = ("Run", "build_run", "load_run_recipe", "recipe_kind", "recipe_schema", "recipe_components",
+                "missing_values", "KINDS")
 
-__all__ = ["RecipeError", "apply_overrides", "check_kwargs", "list_recipes", "load_recipe", "resolve_recipe",
+__all__ = ["SECTIONS", "RecipeError", "apply_overrides", "check_kwargs", "list_recipes", "load_recipe", "resolve_recipe",
            "save_recipe", "to_dict", "trainer_kwargs", "validate", *_BUILD_NAMES]
 
 

@@ -43,7 +43,7 @@ from .loader import RecipeError, Switch, check_kwargs, load_recipe, resolve_reci
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Run", "build_run", "load_run_recipe", "recipe_kind", "recipe_schema", "build_transformer",
+__all__ = ["Run", "build_run", "load_run_recipe", "recipe_kind", "recipe_schema", "recipe_components", "build_transformer",
            "build_text_encoder", "load_transformer_weights", "missing_values", "KINDS", "DROP_GROUPS",
            "VAR_MODEL", "TOKENIZER_MODEL"]
 
@@ -65,6 +65,7 @@ VAR_MODEL: Dict[str, Any] = {
     "init": {"tini": float, "aln": float, "alng": float, "hd0": float},
     "activation_checkpointing": Optional[Literal["full-block", "self-attn"]],
     "tokenizer": str,
+    "random_tokenizer": bool,
     "tokenizer_overrides": Optional[Dict[str, Any]],
     "text_encoder": Optional[str],
     "text_encoder_kwargs": Optional[Dict[str, Any]],
@@ -196,21 +197,37 @@ def missing_values(cfg: Any) -> List[str]:
     return sorted(OmegaConf.missing_keys(cfg))
 
 
+def recipe_components(section: str, name: Any) -> Optional[List[str]]:
+    """The keys the component ``name`` of a recipe ``section`` takes (``data``: the DataModule's
+    arguments, the size keys excluded), or None for an unknown one: what a recipe keeps when a
+    section's component changes (:func:`infinity_lightning.recipes.loader.apply_overrides`)."""
+    if section != "data":
+        return None
+    from ..datamodules import DATAMODULES
+    from ..datamodules.base import accepted_kwargs
+
+    if name not in DATAMODULES:
+        return None
+    return [k for k in accepted_kwargs(DATAMODULES[name]) if k not in _SIZE_KEYS]
+
+
 def load_run_recipe(path_or_name: Any, overrides: Sequence[str] = ()):
     """Load a recipe with overrides, require its ``???`` values and check it against its kind's
     schema.  Returns ``(cfg, kind, path)``."""
     path = resolve_recipe(path_or_name)
-    missing = set(missing_values(load_recipe(path)))
+    missing = set(missing_values(load_recipe(path, components=recipe_components)))
     # OmegaConf answers False for `key in cfg` on ??? values: mark such overrides as additions.
-    overrides = ["+" + o if isinstance(o, str) and o.split("=", 1)[0].strip() in missing else o for o in overrides]
-    cfg = load_recipe(path, overrides)
+    overrides = ["+" + o if isinstance(o, str) and "=" in o and not o.startswith(("~", "+"))
+                 and o.split("=", 1)[0].strip() in missing else o for o in overrides]
+    cfg = load_recipe(path, overrides, components=recipe_components)
     still = missing_values(cfg)
     if still:
         example = " ".join(f"{k}=..." for k in still)
         raise RecipeError(f"{path}: required value(s) not set: {', '.join(still)}. "
                           f"Give them on the command line, e.g. `infinity-lightning fit {path_or_name} {example}`")
     kind = recipe_kind(cfg, path)
-    return load_recipe(path, overrides, schema=recipe_schema(kind, to_dict(cfg, str(path)))), kind, path
+    schema = recipe_schema(kind, to_dict(cfg, str(path)))
+    return load_recipe(path, overrides, schema=schema, components=recipe_components), kind, path
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,18 +347,49 @@ def build_text_encoder(spec: Optional[str], kwargs: Optional[Mapping[str, Any]],
     return TextEncoder.from_pretrained(spec, **kwargs)
 
 
-def _build_tokenizer(model_cfg: Mapping[str, Any], training: bool) -> nn.Module:
-    """A tokenizer from a preset (random weights) or a weights file."""
-    from ..checkpoints import load_tokenizer
+def _check_tokenizer_source(model_cfg: Mapping[str, Any], where: str) -> None:
+    """A VAR recipe's ``model.tokenizer`` must be a weights file unless random weights are asked
+    for (``model.random_tokenizer: true``): a transformer trained on the codes of a random
+    tokenizer generates noise with any trained one."""
+    from ..checkpoints import _is_preset_name
 
-    if training:
-        preset, weights = model_cfg.get("preset"), model_cfg.get("weights")
-        if bool(preset) == bool(weights):
-            raise RecipeError("tokenizer recipe: section 'model' needs exactly one of 'preset' (a tokenizer preset, "
-                              "training from scratch) or 'weights' (a released or exported tokenizer file)")
-        tokenizer = load_tokenizer(weights or preset, **dict(model_cfg.get("overrides") or {}))
-        return tokenizer.train().requires_grad_(True)
-    return load_tokenizer(model_cfg["tokenizer"], **dict(model_cfg.get("tokenizer_overrides") or {}))
+    name = str(model_cfg["tokenizer"])
+    if Path(name).expanduser().exists():
+        if model_cfg.get("random_tokenizer"):
+            raise RecipeError(f"{where}: model.random_tokenizer is true but model.tokenizer {name!r} is a weights "
+                              "file; set model.random_tokenizer=false or name a tokenizer preset")
+        return
+    if not _is_preset_name(name):
+        raise RecipeError(f"{where}: model.tokenizer {name!r}: no such file (expected a trained tokenizer file such "
+                          "as <output_dir>/tokenizer.pth of `infinity-lightning fit tokenizer/...`)")
+    if not model_cfg.get("random_tokenizer"):
+        raise RecipeError(f"{where}: model.tokenizer {name!r} is a preset with random weights; give a trained "
+                          "tokenizer file (model.tokenizer=runs/quickstart/tokenizer.pth: `infinity-lightning "
+                          "quickstart` and `fit tokenizer/...` write one) or set model.random_tokenizer=true to "
+                          "train on a random tokenizer on purpose")
+
+
+def _build_tokenizer(model_cfg: Mapping[str, Any], training: bool, where: str = "recipe") -> nn.Module:
+    """A tokenizer from a preset (random weights) or a weights file; an override that contradicts
+    the architecture a file stores is an error naming the recipe key."""
+    from ..checkpoints import load_tokenizer
+    from ..io import CheckpointError
+
+    key = "model.overrides" if training else "model.tokenizer_overrides"
+    try:
+        if training:
+            preset, weights = model_cfg.get("preset"), model_cfg.get("weights")
+            if bool(preset) == bool(weights):
+                raise RecipeError(f"{where}: section 'model' needs exactly one of 'preset' (a tokenizer preset, "
+                                  "training from scratch) or 'weights' (a released or exported tokenizer file)")
+            tokenizer = load_tokenizer(weights or preset, **dict(model_cfg.get("overrides") or {}))
+            return tokenizer.train().requires_grad_(True)
+        return load_tokenizer(model_cfg["tokenizer"], **dict(model_cfg.get("tokenizer_overrides") or {}))
+    except CheckpointError as e:
+        if "contradicts" in str(e):
+            raise RecipeError(f"{where}: {key}: " + str(e).replace("drop the override", f"drop the override ({key}={{}} "
+                                                                                  "drops them all)")) from None
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,12 +466,17 @@ def _optim(cfg: Mapping[str, Any], where: str):
 # --------------------------------------------------------------------------------------------
 def _strategy(tkw: Dict[str, Any], optimizer: str) -> Optional[str]:
     """Turn ``trainer.strategy`` names into strategies (and ``precision: auto`` into a precision);
-    returns the strategy name."""
+    returns the strategy name.  An integer ``val_check_interval`` counts optimizer steps across
+    epochs (recipes are written in steps; Lightning would otherwise refuse an interval longer than
+    one epoch of a small dataset) unless the recipe sets ``check_val_every_n_epoch``."""
     from ..dtypes import auto_precision
     from ..parallel import check_optimizer_strategy, make_strategy
 
     if tkw.get("precision") == "auto":
         tkw["precision"] = auto_precision(tkw.get("accelerator", "auto"))
+    interval = tkw.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool) and "check_val_every_n_epoch" not in tkw:
+        tkw["check_val_every_n_epoch"] = None
 
     name = tkw.get("strategy") if isinstance(tkw.get("strategy"), str) else None
     if name in ("fsdp", "fsdp2", "model_parallel", "ddp"):
@@ -455,8 +508,10 @@ def _build_var(cfg: Dict[str, Any], out_dir: Path, where: str, objects: Mapping[
     elif parallel_cfg:
         raise RecipeError(f"{where}: module.parallelize is set but trainer.strategy is not fsdp2")
 
+    if objects.get("tokenizer") is None and model_cfg.get("tokenizer"):
+        _check_tokenizer_source(model_cfg, where)
     transformer = objects.get("transformer") or build_transformer(model_cfg, seed)
-    tokenizer = objects.get("tokenizer") or (_build_tokenizer(model_cfg, False) if model_cfg.get("tokenizer") else None)
+    tokenizer = objects.get("tokenizer") or (_build_tokenizer(model_cfg, False, where) if model_cfg.get("tokenizer") else None)
     if tokenizer is not None and tokenizer.config.codebook_dim != transformer.config.codebook_dim:
         raise RecipeError(f"{where}: the tokenizer has {tokenizer.config.codebook_dim} bits per position but the "
                           f"transformer expects {transformer.config.codebook_dim} (model.tokenizer vs model.transformer)")
@@ -513,12 +568,12 @@ def _build_tokenizer_run(cfg: Dict[str, Any], out_dir: Path, where: str, objects
         raise RecipeError(f"{where}: trainer.gradient_clip_val does not apply to the tokenizer's two optimizers; "
                           "use optim.grad_clip")
     _strategy(tkw, optim.optimizer)
-    tokenizer = objects.get("tokenizer") or _build_tokenizer(model_cfg, True)
+    tokenizer = objects.get("tokenizer") or _build_tokenizer(model_cfg, True, where)
     schedule = dict(cfg.get("schedule") or {})
     resolution = _check_resolution(schedule.get("resolution"), tokenizer.config.patch_size, where)
     datamodule = _build_datamodule(cfg.get("data") or {"name": "photos"}, resolution, tokenizer.config.patch_size,
                                    where)
-    if hasattr(datamodule, "require_captions"):
+    if hasattr(datamodule, "require_captions") and "require_captions" not in (cfg.get("data") or {}):
         datamodule.require_captions = False  # a tokenizer learns from images alone
     module = BSQTokenizerModule(tokenizer, optim=optim, schedule_mode=schedule.get("mode", "dense"),
                                 **{k: v for k, v in objects.items() if k != "tokenizer"}, **module_cfg)

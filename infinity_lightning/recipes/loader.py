@@ -6,9 +6,21 @@ or path, or a list of them) names recipes that are loaded first; the file's own 
 top (nested mappings merge key by key, everything else replaces).  A relative ``base`` path is
 looked up next to the file first, then among the built-in recipes.
 
-Overrides are OmegaConf dot-list strings.  ``trainer.max_steps=100`` must name a key that the
-recipe already has: a typo is an error that lists close matches.  ``+trainer.foo=1`` adds a
-new key on purpose.  Values are parsed as YAML (``1`` is an int, ``[1,2]`` a list, ``null`` None).
+Overrides are OmegaConf dot-list strings, applied in order:
+
+* ``trainer.max_steps=100`` sets a key the recipe already has (a typo is an error that lists
+  close matches); ``+trainer.foo=1`` adds a new key on purpose.  Values are parsed as YAML (``1``
+  is an int, ``[1,2]`` a list, ``null`` None).
+* ``~data.seed`` deletes a key (the code that reads the section then uses its default).
+* ``data={name: folder, data_dir: imgs}`` (a mapping value) replaces the whole key: nothing of
+  the old value is kept, where a file's nested mapping merges key by key.
+* A section that chooses a component by its ``name`` (``data.name``: the DataModule) starts over
+  when the name changes, in an override or in a file that changes its base's choice: the keys
+  the new component does not take are dropped (a log line lists them), the keys both take
+  (``batch_size``, ``num_workers``, ``seed``) are kept, and keys set by the overrides stay.  The
+  ``components`` argument of :func:`load_recipe` says which keys a component takes; without it
+  every other key of the section is dropped.  Keys the section's component takes may be set
+  without ``+``.
 
 Every key is checked against a schema: unknown keys and wrong types are errors naming the dotted
 key and the file it came from.  Example::
@@ -37,16 +49,26 @@ import dataclasses
 import difflib
 import importlib.resources
 import inspect
+import logging
 import os
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from ..io import PathLike
+
+log = logging.getLogger(__name__)
+
+#: ``components(section, name)``: the keys the component ``name`` of a recipe section takes, or
+#: None when the name is unknown (see :func:`apply_overrides`).
+Components = Callable[[str, str], Optional[Collection[str]]]
 
 __all__ = [
     "RecipeError",
@@ -60,20 +82,43 @@ __all__ = [
     "check_kwargs",
     "save_recipe",
     "to_dict",
+    "SECTIONS",
+    "COMPONENT_KEY",
 ]
 
 BASE_KEY = "base"
+#: The key of a section that names the component it configures (``data.name``).
+COMPONENT_KEY = "name"
 RECIPE_PACKAGE = "infinity_lightning.recipes_data"
 _ANY = object()  # marker: anything is accepted below this point
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe file, override or section is invalid; the message names the file and the key."""
 
 
 class Switch(dict):
     """A section schema (key -> schema) whose value may also be ``true`` (on, with defaults),
     ``false`` or ``null`` (off): the schema of a switchable component such as a callback."""
+
+
+#: The sections of a training recipe and where their keys are documented (``fit --help``; the
+#: checks are :func:`infinity_lightning.recipes.recipe_schema`).
+SECTIONS: Dict[str, str] = {
+    "kind": "var (the bitwise VAR transformer) or tokenizer (the BSQ-VAE); default: the recipe's folder",
+    "seed": "seed of the networks, the data order and the sample images",
+    "output_dir": "the run folder (recipe.yaml, tb/, checkpoints/, samples/; --output-dir overrides it)",
+    "ckpt_path": "checkpoint to resume from: a file, 'last' or 'auto' (--ckpt-path overrides it)",
+    "schedule": "resolution (pixel budget 0.06M ... 1M, pixel size, or [[h, w], ...] grids) and, for tokenizers, "
+                "mode: infinity_lightning.scales.resolve, docs/model.md",
+    "model": "the networks: infinity_lightning.recipes.build.VAR_MODEL / TOKENIZER_MODEL, docs/recipes.md",
+    "data": "name (infinity_lightning.datamodules.DATAMODULES) and that DataModule's arguments",
+    "module": "arguments of infinity_lightning.lit.BitwiseVARModule / BSQTokenizerModule",
+    "optim": "infinity_lightning.lit.optim.OptimConfig (lr or tblr, betas, schedule, warm-up, grad_clip)",
+    "sampling": "(var) infinity_lightning.sampling.SamplingConfig of the sample images",
+    "trainer": "lightning.Trainer arguments; strategy: ddp or fsdp2 (docs/distributed.md)",
+    "callbacks": "name: {arguments} of infinity_lightning.callbacks.CALLBACKS (true: defaults, null: off)",
+}
 
 
 # -- finding recipe files ---------------------------------------------------------------------
@@ -120,7 +165,8 @@ def _read_yaml(path: Path) -> DictConfig:
     return cfg
 
 
-def _compose(path: Path, chain: Tuple[Path, ...], origins: List[Tuple[str, DictConfig]]) -> DictConfig:
+def _compose(path: Path, chain: Tuple[Path, ...], origins: List[Tuple[str, DictConfig]],
+             components: Optional[Components] = None) -> DictConfig:
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise RecipeError(f"recipe inheritance cycle: {cycle}")
@@ -136,7 +182,14 @@ def _compose(path: Path, chain: Tuple[Path, ...], origins: List[Tuple[str, DictC
         raise RecipeError(f"recipe {path}: '{BASE_KEY}' must be a recipe name or a list of names, got {bases!r}")
     merged = OmegaConf.create({})
     for base in bases:
-        merged = OmegaConf.merge(merged, _compose(resolve_recipe(base, path.parent), chain + (path,), origins))
+        merged = OmegaConf.merge(merged, _compose(resolve_recipe(base, path.parent), chain + (path,), origins,
+                                                  components))
+    # A file that picks another component for a section starts that section over.
+    for section in list(own.keys()):
+        node = own._get_node(section)
+        if isinstance(node, DictConfig) and COMPONENT_KEY in node.keys() and _has_key(merged, str(section)):
+            new_name = node._get_node(COMPONENT_KEY)._value()
+            _restart_section(merged, str(section), new_name, set(node.keys()), components, str(path))
     origins.append((str(path), own))
     return OmegaConf.merge(merged, own)
 
@@ -162,58 +215,144 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     return True
 
 
-def apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str = "recipe") -> DictConfig:
-    """Merge dot-list overrides into ``cfg`` (returns a new config).
+def _node(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node._get_node(part)
+    return node
 
-    ``a.b=v`` replaces an existing key; ``+a.b=v`` adds a new one.  Overriding a key the recipe
-    does not have is a :class:`RecipeError` naming the key, ``source`` and close matches.
+
+def _parent_and_leaf(cfg: DictConfig, dotted: str) -> Tuple[Any, str]:
+    parent, _, leaf = dotted.rpartition(".")
+    return (_node(cfg, parent) if parent else cfg), leaf
+
+
+def _restart_section(cfg: DictConfig, section: str, new_name: Any, keep: Collection[str],
+                     components: Optional[Components], source: str) -> None:
+    """Start ``cfg[section]`` over for the component ``new_name`` (in place): keep the keys the
+    component takes (by ``components``; none without it) and the keys in ``keep``."""
+    node = _node(cfg, section)
+    if not isinstance(node, DictConfig) or COMPONENT_KEY not in node.keys():
+        return
+    old_name = node._get_node(COMPONENT_KEY)._value()
+    if old_name == new_name or not isinstance(new_name, str):
+        return
+    accepted = components(section, new_name) if components is not None else ()
+    if accepted is None:  # an unknown component: validation names it with the choices
+        return
+    dropped = [str(k) for k in node.keys() if k != COMPONENT_KEY and k not in accepted and k not in keep]
+    for key in dropped:
+        node.pop(key)
+    if dropped:
+        log.info("%s: %s.%s %r replaces %r, so %s %s dropped (not arguments of %r)", source, section, COMPONENT_KEY,
+                 new_name, old_name, ", ".join(f"{section}.{k}" for k in dropped), "is" if len(dropped) == 1 else "are",
+                 new_name)
+
+
+def _section_takes(cfg: DictConfig, dotted: str, components: Optional[Components]) -> bool:
+    """Whether ``dotted`` (``section.key``) is a key that the section's component takes."""
+    section, _, key = dotted.rpartition(".")
+    if components is None or not section or not _has_key(cfg, section):
+        return False
+    node = _node(cfg, section)
+    if not isinstance(node, DictConfig) or COMPONENT_KEY not in node.keys():
+        return False
+    accepted = components(section, node._get_node(COMPONENT_KEY)._value())
+    return accepted is not None and key in accepted
+
+
+def _parse_override(item: Any) -> Tuple[str, str, Optional[str]]:
+    """``(op, key, value)``: op is ``set``, ``add`` (``+key=value``) or ``delete`` (``~key``)."""
+    if not isinstance(item, str):
+        raise RecipeError(f"override {item!r} must be a string key=value (or +key=value, ~key)")
+    text = item.strip()
+    if text.startswith("~"):
+        key, value, op = text[1:].split("=", 1)[0].strip(), None, "delete"
+        if "=" in text:
+            raise RecipeError(f"override {item!r}: '~key' deletes a key and takes no value")
+    elif "=" in text:
+        key, value = text.split("=", 1)
+        key = key.strip()
+        op = "add" if key.startswith("+") else "set"
+        key = key.lstrip("+")
+    else:
+        raise RecipeError(f"override {item!r} must look like key=value (or +key=value to add a key, ~key to delete one)")
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {item!r} has an empty key")
+    return op, key, value
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str = "recipe",
+                    components: Optional[Components] = None) -> DictConfig:
+    """Apply dot-list overrides to ``cfg`` in order (returns a new config).
+
+    ``a.b=v`` replaces an existing key (a mapping value replaces the whole key); ``+a.b=v`` adds a
+    new one; ``~a.b`` deletes one.  Setting or deleting a key the recipe does not have is a
+    :class:`RecipeError` naming the key, ``source`` and close matches.  A new component name
+    (``data.name=folder``) starts its section over (see the module docstring).
     """
     overrides = list(overrides)
-    plain = []
+    parsed = [_parse_override(item) for item in overrides]
+    if not parsed:
+        return cfg
+    cfg = cfg.copy()
     known = _dotted_keys(cfg)
-    for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
-            raise RecipeError(f"override {item!r} must look like key=value (or +key=value to add a key)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        add = key.startswith("+")
-        key = key.lstrip("+")
-        if not key or any(not part for part in key.split(".")):
-            raise RecipeError(f"override {item!r} has an empty key")
-        if not add and not _has_key(cfg, key):
+    touched = set()
+    for item, (op, key, value) in zip(overrides, parsed):
+        exists = _has_key(cfg, key)
+        if not exists and (op == "delete" or (op == "set" and not _section_takes(cfg, key, components))):
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise RecipeError(f"override {item!r}: key '{key}' is not in {source}.{hint} "
-                              f"Prefix it with '+' (+{key}=...) to add a new key.")
-        plain.append(f"{key}={value}")
-    if not plain:
-        return cfg
-    try:
-        patch = OmegaConf.from_dotlist(plain)
-        return OmegaConf.merge(cfg, patch)
-    except OmegaConfBaseException as e:
-        raise RecipeError(f"cannot apply overrides {overrides} to {source}: {e}") from e
+            fix = "" if op == "delete" else f" Prefix it with '+' (+{key}=...) to add a new key."
+            raise RecipeError(f"override {item!r}: key '{key}' is not in {source}.{hint}{fix}")
+        if op == "delete":
+            parent, leaf = _parent_and_leaf(cfg, key)
+            parent.pop(leaf)
+            touched.discard(key)
+            continue
+        try:
+            patch = OmegaConf.from_dotlist([f"{key}={value}"])
+            new_value = _node(patch, key)
+            section, _, leaf = key.rpartition(".")
+            if leaf == COMPONENT_KEY and section and exists:
+                keep = {k.split(".", 1)[1].split(".")[0] for k in touched if k.startswith(section + ".")}
+                _restart_section(cfg, section, new_value._value(), keep, components, "the command-line overrides")
+            if exists and isinstance(new_value, DictConfig):
+                parent, leaf = _parent_and_leaf(cfg, key)
+                parent.pop(leaf)  # a mapping replaces the whole key
+            cfg = OmegaConf.merge(cfg, patch)
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"cannot apply override {item!r} to {source}: {e}") from e
+        touched.add(key)
+    return cfg
 
 
 # -- loading ----------------------------------------------------------------------------------
-def load_recipe(path_or_name: PathLike, overrides: Sequence[str] = (), schema: Any = None) -> DictConfig:
+def load_recipe(path_or_name: PathLike, overrides: Sequence[str] = (), schema: Any = None,
+                components: Optional[Components] = None) -> DictConfig:
     """Load a recipe (path or built-in name), compose its bases, apply overrides and validate.
 
     Args:
         path_or_name: a YAML file or a built-in name such as ``"var/quickstart"``.
-        overrides: dot-list strings (``"trainer.max_steps=10"``, ``"+new.key=1"``).
+        overrides: dot-list strings (``"trainer.max_steps=10"``, ``"+new.key=1"``, ``"~data.seed"``).
         schema: the allowed keys and types (see the module docstring); ``None`` skips validation.
+        components: ``components(section, name)`` -> the keys that component takes (see the
+            module docstring); used when a section's component changes.
 
     Returns the merged ``DictConfig``; interpolations (``${...}``) are kept and resolve on access.
     Errors are :class:`RecipeError` naming the file and the dotted key.
     """
     path = resolve_recipe(path_or_name)
     origins: List[Tuple[str, DictConfig]] = []
-    cfg = _compose(path, (), origins)
+    cfg = _compose(path, (), origins, components)
     source = str(path) if len(origins) == 1 else f"{path} (with bases {', '.join(o for o, _ in origins[:-1])})"
-    cfg = apply_overrides(cfg, overrides, source)
-    if overrides:
-        origins.append(("the command-line overrides", OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])))
+    cfg = apply_overrides(cfg, overrides, source, components)
+    settings = [o.strip().lstrip("+") for o in overrides if isinstance(o, str) and "=" in o and not o.strip().startswith("~")]
+    if settings:
+        try:
+            origins.append(("the command-line overrides", OmegaConf.from_dotlist(settings)))
+        except OmegaConfBaseException:  # already reported by apply_overrides
+            pass
     if schema is not None:
         validate(cfg, schema, source, origins=origins)
     return cfg
