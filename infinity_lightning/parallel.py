@@ -281,7 +281,13 @@ class FSDP2Strategy(_lightning_model_parallel()):  # type: ignore[misc]
     the whole job) and ``tensor_parallel_size`` is 1, where Lightning's own ``"auto"`` would shard
     within a node only and leave a tensor-parallel dimension the model cannot use.  Distributed
     (sharded) checkpoints are the default.  An optimizer from bitsandbytes is refused with a clear
-    error when the optimizers are set up.  The LightningModule applies the sharding in
+    error when the optimizers are set up.
+
+    Resuming from a sharded checkpoint that holds only what trains (LoRA adapters, see
+    ``BitwiseVARModule(trainable_filter=...)``; frozen tokenizer and text encoder left out) loads
+    the tensors it has and leaves every other weight as the module holds it: Lightning's own loader
+    asks the checkpoint for the whole model.  A trainable parameter missing from the checkpoint is
+    an error that names it.  The LightningModule applies the sharding in
     ``configure_model`` (``BitwiseVARModule(parallelize_fn=make_parallelize_fn(...))``).
     """
 
@@ -299,6 +305,38 @@ class FSDP2Strategy(_lightning_model_parallel()):  # type: ignore[misc]
             # num_nodes and the processes per node are known once the trainer configured us.
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not (path.is_dir() and (path / METADATA_FILENAME).is_file()):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        from .io import CheckpointError, format_key_list
+
+        saved = {k[len("state_dict."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if k.startswith("state_dict.")}
+        current = get_model_state_dict(self.model)
+        absent = [k for k in current if k not in saved]
+        if not absent:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        trainable = sorted(n for n, p in self.model.named_parameters() if p.requires_grad and n in absent)
+        if trainable:
+            raise CheckpointError(f"checkpoint {path} lacks {len(trainable)} trained parameter(s) of the module "
+                                  f"({format_key_list(trainable, 3)}); was it written by a run with other trainable "
+                                  "parameters (LoRA settings, model.lora)?")
+        state = {"state_dict": {k: v for k, v in current.items() if k in saved}}
+        dcp.load(state, checkpoint_id=str(path))
+        self.model.load_state_dict(state["state_dict"], strict=False)  # the frozen rest stays as it is
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optim_state, checkpoint_id=str(path))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
 
     def setup_optimizers(self, trainer) -> None:
         super().setup_optimizers(trainer)

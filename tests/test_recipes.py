@@ -57,6 +57,20 @@ def _stand_ins(name: str, tmp: Path) -> List[str]:
         weights = save_transformer(tiny_transformer(seed=5), tmp / "infinity_tiny.pth")
         return out + [f"model.weights={weights}", "model.tokenizer=tiny", "model.text_encoder=tiny:64",
                       f"data.data_dir={_jsonl_folder(tmp / 'jsonl')}"]
+    if name in ("var/lora_quickstart", "var/lora_2b"):
+        # the quick start's (or the 2B's) files: a tiny transformer and a tokenizer file
+        from infinity_lightning.checkpoints import save_tokenizer
+        from infinity_lightning.models.bsq_vae import BSQVAE
+        from infinity_lightning.presets import tokenizer_config
+        from infinity_lightning.transformer_checkpoints import save_transformer
+        from tests.test_var_module import tiny_transformer
+
+        weights = save_transformer(tiny_transformer(seed=5), tmp / "transformer.pth")
+        tokenizer = save_tokenizer(BSQVAE(tokenizer_config("tiny")), tmp / "tokenizer.pth")
+        data = ["data.num_samples=16"] if name == "var/lora_quickstart" else [
+            f"data.data_dir={_jsonl_folder(tmp / 'jsonl')}"]
+        return [f"+output_dir={tmp / 'run'}", f"model.weights={weights}", f"model.tokenizer={tokenizer}",
+                "model.text_encoder=tiny:64", *data]
     if name == "tokenizer/finetune_d32_reg":
         from infinity_lightning.checkpoints import save_tokenizer
         from infinity_lightning.models.bsq_vae import BSQVAE
@@ -82,7 +96,16 @@ def test_recipe_builds(name, tmp_path):
         assert module.resolution == cfg.schedule.resolution
         assert module.cond_drop_rate == pytest.approx(cfg.module.cond_drop_rate)
         assert sum(p.requires_grad for p in module.tokenizer.parameters()) == 0
-        assert all(p.requires_grad for p in module.transformer.parameters())
+        if cfg.model.get("lora"):
+            # adapters only, and checkpoints that keep only them
+            from infinity_lightning.lora import is_lora_key
+
+            trainable = [n for n, p in module.transformer.named_parameters() if p.requires_grad]
+            assert trainable and all(is_lora_key(n) for n in trainable)
+            assert ".lora_A.default." in trainable[0] and module.trainable_filter is not None
+            assert module.transformer.block_list()[0].sa.mat_qkv.r["default"] == cfg.model.lora.rank
+        else:
+            assert all(p.requires_grad for p in module.transformer.parameters())
         names = {type(c).__name__ for c in run["trainer"].callbacks}
         if cfg.callbacks.self_correction is not None:
             assert "SelfCorrectionSchedule" in names
@@ -104,6 +127,9 @@ def test_recipe_builds(name, tmp_path):
             assert module.transformer.activation_checkpointing == "full-block"
             assert run["trainer"].precision == "bf16-mixed"
             assert run["trainer"].gradient_clip_val == 5.0                  # from optim.grad_clip
+        if name == "var/lora_2b":
+            assert module.transformer.activation_checkpointing == "full-block"
+            assert run["trainer"].precision == "bf16-mixed" and module.resolution == "1M"
 
 
 def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):

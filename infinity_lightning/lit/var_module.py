@@ -23,6 +23,8 @@ all off by default).
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
@@ -62,6 +64,25 @@ def derive_seed(*parts: int) -> int:
     words = [int(p) % (2 ** 32) for p in parts] + [len(parts)]
     return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).astype(np.uint64)
                .dot(np.array([1, 2 ** 32], dtype=np.uint64)) & np.uint64(2 ** 63 - 1))
+
+
+def _export_transformer(transformer: nn.Module, path: Path, rank0: bool) -> List[Path]:
+    """Save ``transformer`` as safetensors; FSDP2 shards are gathered to rank 0 first (a collective)."""
+    from ..checkpoints import save_transformer
+
+    if not any(hasattr(p, "full_tensor") for p in transformer.parameters()):
+        return [save_transformer(transformer, path, format="safetensors")] if rank0 else []
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..models.infinity import InfinityTransformer
+
+    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rank0:
+        return []
+    with torch.device("meta"):
+        plain = InfinityTransformer(transformer.config)
+    plain.load_state_dict(full, strict=True, assign=True)
+    return [save_transformer(plain, path, format="safetensors")]
 
 
 def _as_template(value: Any, fallback_hw: Tuple[int, int]) -> float:
@@ -112,8 +133,12 @@ class BitwiseVARModule(pl.LightningModule):
         save_frozen_modules: keep the tokenizer and text encoder weights in checkpoints.
         parallelize_fn: ``fn(transformer, device_mesh)`` applied in :meth:`configure_model` when
             the strategy provides a device mesh (FSDP2 / tensor parallel).
-        trainable_filter: ``fn(state_dict) -> state_dict`` applied to checkpoints (for example to
-            keep only adapter weights); ``None`` keeps the whole transformer.
+        trainable_filter: ``fn(state_dict) -> state_dict`` applied to the transformer's entries of
+            checkpoints (``transformer.*`` keys), to keep only what trains: with LoRA adapters
+            ``functools.partial(lora.lora_checkpoint_filter, keep=<trained biases>)`` (the recipe
+            layer sets it).  Loading fills the left-out weights from the live module
+            (:func:`~infinity_lightning.lora.lora_checkpoint_restore`, which requires the same
+            adapters on both sides).  ``None`` keeps the whole transformer.
 
     Gradient clipping is the Trainer's (``gradient_clip_val``).  Non-finite losses skip the step
     (``training_step`` returns ``None``, so the optimizer finds no gradients); non-finite
@@ -424,12 +449,46 @@ class BitwiseVARModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         sd = checkpoint.get("state_dict")
-        if isinstance(sd, dict):
-            # Checkpoints may hold only what is trained: everything else keeps the weights it has.
-            frozen = self._FROZEN if self.trainable_filter is None else self._FROZEN + ("transformer.",)
-            for k, v in super().state_dict().items():
-                if k.startswith(frozen) and k not in sd:
-                    sd[k] = v
+        if not isinstance(sd, dict):
+            return  # sharded (FSDP2) checkpoints were loaded by the strategy already
+        # Checkpoints may hold only what is trained: everything else keeps the weights it has.
+        current = super().state_dict()
+        for k, v in current.items():
+            if k.startswith(self._FROZEN) and k not in sd:
+                sd[k] = v
+        if self.trainable_filter is not None:
+            from ..lora import lora_checkpoint_restore
+
+            prefix = "transformer."
+            saved = {k: v for k, v in sd.items() if k.startswith(prefix)}
+            live = {k: v for k, v in current.items() if k.startswith(prefix)}
+            sd.update(lora_checkpoint_restore(saved, live))
+
+    # -- export ------------------------------------------------------------------------------
+    def export(self, out_dir: Union[str, os.PathLike]) -> List[Path]:
+        """Write the trained transformer for inference into ``out_dir``; returns the paths written.
+
+        With LoRA adapters: the trained adapter as ``<out_dir>/lora/`` in PEFT format
+        (``adapter_config.json`` + ``adapter_model.safetensors``, what ``pipe.load_lora`` and
+        ``InfinityPipeline.from_pretrained(..., lora=...)`` read; several trained adapters go to
+        ``<out_dir>/lora/<name>/``).  Otherwise the whole transformer as
+        ``<out_dir>/transformer.safetensors`` (+ ``transformer.json``).  These are the training
+        weights; EMA averages export with :func:`infinity_lightning.parallel.export_transformer`.
+        Under torch.distributed every rank must call it (FSDP2 shards are gathered); rank 0
+        writes, the other ranks return an empty list.
+        """
+        from ..lora import lora_adapters, lora_configs, save_lora
+
+        out = Path(out_dir)
+        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_rank() == 0
+        if lora_configs(self.transformer):
+            adapters = lora_adapters(self.transformer)
+            names = [n for n, a in adapters.items() if a["trainable"]] or list(adapters)
+            paths = [save_lora(self.transformer, out / "lora" if len(names) == 1 else out / "lora" / n, n)
+                     for n in names]
+            return paths if rank0 else []
+        return _export_transformer(self.transformer, out / "transformer.safetensors", rank0)
 
     # -- sample images -----------------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,10 @@ names the recipe file and the dotted key:
     and, for tokenizers, ``mode`` (how a latent grid is cut into scales).  The DataModule's image
     size is derived from it; a ``data`` section that sets its own size is an error.
 ``model``
-    the networks (:data:`VAR_MODEL` or :data:`TOKENIZER_MODEL`).
+    the networks (:data:`VAR_MODEL` or :data:`TOKENIZER_MODEL`).  ``model.lora`` (:data:`VAR_LORA`)
+    trains LoRA adapters instead of the whole transformer: they are injected once the weights are
+    loaded, before the module (and any FSDP2/DDP wrapping) exists; checkpoints then hold the
+    adapters only, and the module's ``export`` writes them as ``<output_dir>/lora/`` (PEFT format).
 ``data``
     ``name`` (a key of :data:`infinity_lightning.datamodules.DATAMODULES`) and that DataModule's
     keyword arguments.
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Run", "build_run", "load_run_recipe", "recipe_kind", "recipe_schema", "recipe_components", "build_transformer",
            "build_text_encoder", "load_transformer_weights", "missing_values", "KINDS", "DROP_GROUPS",
-           "VAR_MODEL", "TOKENIZER_MODEL"]
+           "VAR_MODEL", "VAR_LORA", "TOKENIZER_MODEL", "apply_lora"]
 
 KINDS = ("var", "tokenizer")
 DROP_GROUPS = ("head", "word_embed", "text")
@@ -55,6 +58,17 @@ _BUILT = ("transformer", "tokenizer", "text_encoder", "discriminator", "perceptu
 #: DataModule arguments derived from ``schedule.resolution``.
 _SIZE_KEYS = ("pn", "image_size")
 
+#: ``model.lora`` of VAR recipes: the fields of :class:`infinity_lightning.lora.LoraSettings` and
+#: ``quantize_base`` (``8bit``: int8 frozen base Linears, not with fsdp2); null: full fine-tuning.
+VAR_LORA: Dict[str, Any] = {
+    "rank": int,
+    "alpha": float,
+    "dropout": float,
+    "targets": Optional[List[str]],
+    "bias": Literal["none", "all", "lora_only"],
+    "init": Literal["default", "gaussian", "random"],
+    "quantize_base": Optional[Literal["8bit"]],
+}
 #: The ``model`` section of VAR recipes.
 VAR_MODEL: Dict[str, Any] = {
     "transformer": Optional[str],
@@ -70,6 +84,7 @@ VAR_MODEL: Dict[str, Any] = {
     "text_encoder": Optional[str],
     "text_encoder_kwargs": Optional[Dict[str, Any]],
     "cache_text_features": bool,
+    "lora": Switch(VAR_LORA),
 }
 #: The ``model`` section of tokenizer recipes.
 TOKENIZER_MODEL: Dict[str, Any] = {"preset": Optional[str], "weights": Optional[str], "overrides": Optional[dict]}
@@ -278,8 +293,9 @@ def load_transformer_weights(model: nn.Module, path: Union[str, Path], drop_mism
     return dropped
 
 
-def build_transformer(model_cfg: Mapping[str, Any], seed: int = 0) -> nn.Module:
-    """The transformer of a VAR recipe's ``model`` section, in training mode with gradients."""
+def build_transformer(model_cfg: Mapping[str, Any], seed: int = 0, where: str = "recipe") -> nn.Module:
+    """The transformer of a VAR recipe's ``model`` section, in training mode with gradients (only
+    the adapters' with ``model.lora``)."""
     from ..checkpoints import load_transformer
     from ..models.infinity import InfinityTransformer, init_weights
     from ..presets import transformer_config
@@ -301,7 +317,44 @@ def build_transformer(model_cfg: Mapping[str, Any], seed: int = 0) -> nn.Module:
         if weights:
             model.dropped_keys = load_transformer_weights(model, weights, drop, use_ema)
     model.set_activation_checkpointing(model_cfg.get("activation_checkpointing"))
-    return model.train().requires_grad_(True)
+    model.train().requires_grad_(True)
+    lora_cfg = model_cfg.get("lora")
+    if lora_cfg:
+        apply_lora(model, {} if lora_cfg is True else lora_cfg, where)
+    return model
+
+
+def apply_lora(model: nn.Module, lora_cfg: Mapping[str, Any], where: str = "recipe") -> Any:
+    """Inject the LoRA adapter of a ``model.lora`` section (:data:`VAR_LORA`) into ``model`` (base
+    frozen, only the adapter trains); returns :class:`~infinity_lightning.lora.LoraCounts`.
+    Bad values are a :class:`RecipeError` naming ``model.lora``."""
+    from ..lora import LoraSettings, add_lora
+
+    fields = {k: v for k, v in dict(lora_cfg).items() if k != "quantize_base"}
+    if fields.get("targets") is not None:
+        fields["targets"] = tuple(fields["targets"])
+    else:
+        fields.pop("targets", None)
+    try:
+        settings = LoraSettings(**fields)
+        counts = add_lora(model, settings, quantize_base=lora_cfg.get("quantize_base"))
+    except ValueError as e:
+        raise RecipeError(f"{where}: model.lora: {e}") from None
+    log.info("LoRA rank %d, alpha %g on %d Linears: %d trainable of %d parameters (%.2f%%)", settings.rank,
+             settings.alpha, counts.layers, counts.trainable, counts.total, 100 * counts.fraction)
+    return counts
+
+
+def _adapter_checkpoints(transformer: nn.Module):
+    """The module's ``trainable_filter`` for a transformer with LoRA adapters: checkpoints keep the
+    adapter weights and the other trained parameters (biases with ``model.lora.bias``)."""
+    import functools
+
+    from ..lora import is_lora_key, lora_checkpoint_filter
+
+    keep = sorted(f"transformer.{n}" for n, p in transformer.named_parameters()
+                  if p.requires_grad and not is_lora_key(n))
+    return functools.partial(lora_checkpoint_filter, keep=keep)
 
 
 def _dataset_captions(datamodule: Any, limit: int = 2000) -> List[str]:
@@ -501,7 +554,14 @@ def _build_var(cfg: Dict[str, Any], out_dir: Path, where: str, objects: Mapping[
         if "gradient_clip_val" in tkw:
             raise RecipeError(f"{where}: set the gradient clipping once, in optim.grad_clip (not trainer.gradient_clip_val)")
         tkw["gradient_clip_val"] = float(optim.grad_clip)
-    if _strategy(tkw, optim.optimizer) in ("fsdp2", "model_parallel"):
+    strategy = _strategy(tkw, optim.optimizer)
+    lora_cfg = model_cfg.get("lora")
+    if strategy in ("fsdp2", "model_parallel") and isinstance(lora_cfg, Mapping) \
+            and lora_cfg.get("quantize_base") == "8bit":
+        raise RecipeError(f"{where}: model.lora.quantize_base=8bit cannot be used with trainer.strategy={strategy}: "
+                          "int8 base weights cannot be sharded as FSDP2 (DTensor) parameters; use "
+                          "trainer.strategy=ddp or one device with the 8-bit base, or quantize_base: null with fsdp2")
+    if strategy in ("fsdp2", "model_parallel"):
         from ..parallel import make_parallelize_fn
 
         module_cfg["parallelize_fn"] = make_parallelize_fn(**(parallel_cfg or {}))
@@ -510,7 +570,11 @@ def _build_var(cfg: Dict[str, Any], out_dir: Path, where: str, objects: Mapping[
 
     if objects.get("tokenizer") is None and model_cfg.get("tokenizer"):
         _check_tokenizer_source(model_cfg, where)
-    transformer = objects.get("transformer") or build_transformer(model_cfg, seed)
+    transformer = objects.get("transformer") or build_transformer(model_cfg, seed, where)
+    from ..lora import lora_configs
+
+    if lora_configs(transformer):
+        module_cfg["trainable_filter"] = _adapter_checkpoints(transformer)
     tokenizer = objects.get("tokenizer") or (_build_tokenizer(model_cfg, False, where) if model_cfg.get("tokenizer") else None)
     if tokenizer is not None and tokenizer.config.codebook_dim != transformer.config.codebook_dim:
         raise RecipeError(f"{where}: the tokenizer has {tokenizer.config.codebook_dim} bits per position but the "
