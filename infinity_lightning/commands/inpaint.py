@@ -9,6 +9,9 @@ Examples::
     infinity-lightning inpaint --pipeline weights/ --image photo.png --outpaint 0.5 --anchor left \\
         --prompt "a wide beach" --out wide.png
 
+``--lora FOLDER`` (repeatable) loads LoRA adapters (PEFT folders, e.g. the ``<output_dir>/lora``
+of a ``fit`` with ``model.lora``) into the transformer first.
+
 The mask (white = regenerate) has the size of the image it applies to; one ``--mask`` serves
 every image, or give one per ``--image`` in the same order.  ``--outpaint RATIO`` replaces the
 mask: the image is placed on the canvas of the aspect-ratio template RATIO (height / width) and
@@ -56,6 +59,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, prompt_default: Option
     src.add_argument("--pipeline", required=True, help="pipeline folder (released or generic layout) or Hub repo id")
     src.add_argument("--device", default="cpu", help="torch device (default cpu)")
     src.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="transformer/decoder precision")
+    src.add_argument("--lora", action="append", default=[], metavar="FOLDER",
+                     help="LoRA adapter folder to load into the transformer (repeatable)")
 
     io = parser.add_argument_group("input and output")
     io.add_argument("--image", action="append", default=[], required=True, metavar="IMAGE",
@@ -99,6 +104,10 @@ def check_common(command: str, args: argparse.Namespace) -> None:
     missing = [p for p in args.image if not Path(p).is_file()]
     if missing:
         raise fail(command, f"image file(s) not found: {', '.join(missing)}")
+    missing = [p for p in args.lora if not Path(p).is_dir()]
+    if missing:
+        raise fail(command, f"--lora folder(s) not found: {', '.join(missing)} (an adapter is a folder with "
+                            "adapter_config.json and adapter_model.safetensors)")
     if args.num_images < 1:
         raise fail(command, f"--num-images must be >= 1, got {args.num_images}")
     if args.tau is not None and not args.tau > 0:
@@ -159,7 +168,8 @@ def output_paths(command: str, args: argparse.Namespace) -> List[List[Path]]:
 def load_pipeline(args: argparse.Namespace):
     from ..pipeline import InfinityPipeline
 
-    return InfinityPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
+    return InfinityPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype,
+                                            lora=list(args.lora) or None)
 
 
 def check_keep_scales(command: str, args: argparse.Namespace, pipe: Any) -> None:
@@ -211,7 +221,7 @@ def process(command: str, args: argparse.Namespace, edit: Callable[[int, str, in
         sampling = out.sampling.to_dict(only=("cfg", "tau", "top_k", "top_p"))
         records = [dict(out.settings, command=command, image=image, prompt=args.prompt, seed=s,
                         negative_prompt=args.negative_prompt, pipeline=args.pipeline, sampling=sampling,
-                        schedule=[list(g)[-2:] for g in out.schedule]) for s in out.seeds]
+                        schedule=[list(g)[-2:] for g in out.schedule], lora=list(args.lora)) for s in out.seeds]
         for r in records:
             r.update(extra_record(args, i))
         written += save_outputs(args._outputs[i], out.images, records)

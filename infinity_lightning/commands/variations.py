@@ -9,8 +9,8 @@ Examples::
 The first ``--keep-scales`` scales (layout and colours) are the image's; the later ones are
 sampled, conditioned on ``--prompt`` (empty by default).  0 keeps nothing (text-to-image), the
 number of scales keeps everything (the tokenizer's reconstruction); a value above the schedule's
-number of scales is an error that names the valid range.  Outputs, seeds, the ``.json`` records
-and the handling of bad images are those of ``infinity-lightning inpaint``.
+number of scales is an error that names the valid range.  Outputs, seeds, the ``.json`` records,
+``--lora`` adapters and the handling of bad images are those of ``infinity-lightning inpaint``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,14 @@
 """Batch generation with ``Trainer.predict``: :class:`InfinityPredictor` and :class:`ImageWriter`.
 
 A prompt *record* is a dict ``{"prompt", "seed", "index"}`` with optional ``"negative_prompt"``
-and ``"h_div_w"``.  ``index`` is global (the position in the whole prompt list), so output files
+and ``"h_div_w"``.  An *editing record* also names an ``"image"`` (a file path, relative to the
+working folder) and edits it with the pipeline's editing methods instead of generating from text:
+``"mask"`` (white = regenerate; with ``"grow"``, ``"blend"``, ``"feather"``, ``"keep_scales"``)
+inpaints, ``"outpaint"`` (an aspect-ratio template, with ``"anchor"``) outpaints, and neither
+makes variations that keep the image's first ``"keep_scales"`` scales (default half of them).
+The image's aspect ratio picks the schedule (``"h_div_w"`` does not apply); each record is edited
+alone with its own seed, so its image equals the direct ``pipe.inpaint(...)`` / ``pipe.outpaint``
+/ ``pipe.variations`` call.  ``index`` is global (the position in the whole prompt list), so output files
 never collide between ranks: with several devices, the prediction sampler gives rank r the
 records i with ``i % world_size == r`` and each rank writes only its own files.
 
@@ -34,6 +41,8 @@ __all__ = ["InfinityPredictor", "ImageWriter", "PromptRecordDataset", "prompt_re
            "prompt_dataloader", "collate_records"]
 
 PROMPT_KEYS = ("prompt", "text", "caption", "long_caption")
+#: Keys of an editing record (see the module docstring), copied from a prompt dict.
+EDIT_KEYS = ("image", "mask", "outpaint", "anchor", "keep_scales", "grow", "blend", "feather")
 
 
 # -- prompt records ---------------------------------------------------------------------------
@@ -44,7 +53,8 @@ def prompt_records(prompts: Sequence[Union[str, Mapping[str, Any]]], *, seed: in
     applies to its first image (``seed + r`` for the r-th).
 
     Dict prompts may give ``negative_prompt`` and ``h_div_w`` (or ``aspect_ratio``) per prompt;
-    the keyword arguments are the defaults.
+    the keyword arguments are the defaults.  Dict prompts with an ``image`` are editing records
+    (:data:`EDIT_KEYS`, checked here; an empty prompt is allowed for variations).
     """
     out: List[Dict[str, Any]] = []
     for p, item in enumerate(prompts):
@@ -60,8 +70,35 @@ def prompt_records(prompts: Sequence[Union[str, Mapping[str, Any]]], *, seed: in
             neg = entry.get("negative_prompt", negative_prompt)
             if neg is not None:
                 record["negative_prompt"] = str(neg)
+            record.update(_edit_fields(entry, p))
             out.append(record)
     return out
+
+
+def _edit_fields(entry: Mapping[str, Any], p: int) -> Dict[str, Any]:
+    """The editing keys of prompt ``p`` (a dict), checked; ``{}`` for a text prompt."""
+    fields = {k: entry[k] for k in EDIT_KEYS if entry.get(k) is not None}
+    if not fields:
+        return {}
+    if "image" not in fields:
+        raise ValueError(f"prompt {p}: {sorted(fields)} edit an image, but the prompt names no 'image'")
+    if "mask" in fields and "outpaint" in fields:
+        raise ValueError(f"prompt {p}: give 'mask' (inpaint) or 'outpaint' (a template ratio), not both")
+    kind = "inpaint" if "mask" in fields else "outpaint" if "outpaint" in fields else "variations"
+    allowed = {"inpaint": ("image", "mask", "grow", "blend", "feather", "keep_scales"),
+               "outpaint": ("image", "outpaint", "anchor", "grow", "blend", "feather", "keep_scales"),
+               "variations": ("image", "keep_scales")}[kind]
+    extra = sorted(set(fields) - set(allowed))
+    if extra:
+        raise ValueError(f"prompt {p}: {extra} do not apply to {kind} (keys: {', '.join(allowed)})")
+    for key in ("grow", "feather", "keep_scales"):
+        value = fields.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"prompt {p}: '{key}' must be a whole number >= 0, got {value!r}")
+    for key in ("image", "mask"):
+        if key in fields and not isinstance(fields[key], (str, Path)):
+            raise ValueError(f"prompt {p}: '{key}' must be a file path, got {fields[key]!r}")
+    return {"edit": kind, **{k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}}
 
 
 def read_prompts_file(path: Union[str, Path]) -> List[Union[str, Dict[str, Any]]]:
@@ -171,9 +208,14 @@ class InfinityPredictor(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Dict[str, Any]:
         records = _as_records(batch)
         images: Dict[int, Any] = {}
-        # records with and without a negative prompt go through separate calls
+        edits: Dict[int, Dict[str, Any]] = {}
+        for i, r in enumerate(records):
+            if r.get("image") is not None:
+                images[i], edits[i] = self._edit(r)
+        # text-to-image records with and without a negative prompt go through separate calls
         for has_neg in (False, True):
-            part = [(i, r) for i, r in enumerate(records) if (r.get("negative_prompt") is not None) == has_neg]
+            part = [(i, r) for i, r in enumerate(records)
+                    if i not in edits and (r.get("negative_prompt") is not None) == has_neg]
             if not part:
                 continue
             recs = [r for _, r in part]
@@ -190,9 +232,30 @@ class InfinityPredictor(pl.LightningModule):
         for i, r in enumerate(records):
             rec = dict(r)
             rec["settings"] = dict(settings)
+            if i in edits:
+                rec["settings"].update(edits[i])
             rec["width"], rec["height"] = images[i].size
             out_records.append(rec)
         return {"images": [images[i] for i in range(len(records))], "records": out_records}
+
+    def _edit(self, record: Mapping[str, Any]):
+        """(PIL image, the edit's settings) of an editing record, through the pipeline's method."""
+        r = record
+        kind = _edit_fields(r, r["index"])["edit"]
+        common = dict(seed=int(r["seed"]), negative_prompt=r.get("negative_prompt"), sampling=self.sampling,
+                      resolution=self.resolution, truncate_prompts=self.truncate_prompts, output_type="pil")
+        shaping = {k: r[k] for k in ("grow", "blend", "feather", "keep_scales") if r.get(k) is not None}
+        try:
+            if kind == "inpaint":
+                out = self.pipeline.inpaint(r["prompt"], r["image"], r["mask"], **shaping, **common)
+            elif kind == "outpaint":
+                out = self.pipeline.outpaint(r["prompt"], r["image"], float(r["outpaint"]),
+                                             anchor=r.get("anchor", "center"), **shaping, **common)
+            else:
+                out = self.pipeline.variations(r["image"], r["prompt"], r.get("keep_scales"), **common)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"record {r['index']} ({kind} of {r['image']}): {e}") from e
+        return out[0], {"edit": kind, **out.settings}
 
 
 # -- writing ----------------------------------------------------------------------------------
