@@ -8,7 +8,7 @@ After every ``every_n_steps``-th optimizer step the average moves towards the cu
 implemented as ``lerp_(ema, param, 1 - d)``.  The average is swapped into the module for
 validation, test and predict and swapped back afterwards, so checkpoints and the optimizer always
 see the training weights.  The original code defines (but its recipes never enable) an EMA with
-decay 0.9999 updated after every step (spec 4.6); ``EMA(decay=0.9999)`` is that.
+decay 0.9999 updated after every step (docs/model.md#ema); ``EMA(decay=0.9999)`` is that.
 
 Only the parameters that require gradients when the averages are made are averaged, swapped and
 saved.  With LoRA adapters (``model.lora``) those are the adapter weights: the frozen base is

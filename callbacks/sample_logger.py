@@ -4,19 +4,26 @@ Every ``every_n_steps`` optimizer steps (and once at the end of fit) the callbac
 ``pl_module.log_images(prompts=..., seeds=..., **log_kwargs)``, which returns a dict
 ``name -> (B, 3, H, W)`` float tensor in [0, 1].  Each entry becomes one grid image, sent to every
 logger that takes images (TensorBoard's ``add_image``, or a ``log_image`` method such as
-WandbLogger's) and optionally written as ``<folder>/<name>/step_<global_step>.png``.
+WandbLogger's) and optionally written as ``<folder>/<name>/step_<global_step>.png``.  When an
+entry has one image per prompt, each tile carries its prompt underneath (:func:`label_grid`), so
+a grid says what was asked for.
 """
 from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-__all__ = ["SampleLogger", "make_grid"]
+__all__ = ["SampleLogger", "make_grid", "label_grid"]
+
+#: Pixel size of a character of Pillow's built-in bitmap font (the labels need no font file).
+_CHAR_W, _LINE_H = 6, 11
 
 
 def make_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
@@ -42,6 +49,44 @@ def make_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2
     return grid
 
 
+def label_grid(images: torch.Tensor, labels: Sequence[str], nrow: Optional[int] = None, padding: int = 2,
+               max_lines: int = 3) -> torch.Tensor:
+    """Like :func:`make_grid` (white padding), with ``labels[i]`` written in black under tile ``i``.
+
+    Each tile gets a strip of up to ``max_lines`` lines of Pillow's built-in font, wrapped to the
+    tile width (text that does not fit ends with "..."); returns a (3, H', W') tensor in [0, 1].
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if images.dim() != 4 or len(labels) != images.shape[0]:
+        raise ValueError(f"label_grid needs one label per image, got {len(labels)} labels for images of shape "
+                         f"{tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    b, _, h, w = images.shape
+    width = max(1, (w - 2) // _CHAR_W)
+    wrapped = []
+    for label in labels:
+        lines = textwrap.wrap(str(label), width) or [""]
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            lines[-1] = lines[-1][: max(0, width - 3)] + "..."
+        wrapped.append(lines)
+    strip = max(len(lines) for lines in wrapped) * _LINE_H + 2
+    ncol = min(nrow or math.ceil(math.sqrt(b)), b)
+    nrows = math.ceil(b / ncol)
+    canvas = Image.new("RGB", (ncol * (w + padding) + padding, nrows * (h + strip + padding) + padding), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    tiles = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        left, top = padding + col * (w + padding), padding + r * (h + strip + padding)
+        canvas.paste(Image.fromarray(tiles[i]), (left, top))
+        for k, line in enumerate(wrapped[i]):
+            draw.text((left + 1, top + h + 1 + k * _LINE_H), line, fill="black", font=font)
+    return torch.from_numpy(np.array(canvas, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "samples"
 
@@ -58,6 +103,7 @@ class SampleLogger(Callback):
         nrow: images per grid row (default ceil(sqrt(B))).
         tag_prefix: logger tag is ``"<tag_prefix>/<name>"``.
         log_kwargs: extra keyword arguments for ``log_images`` (e.g. ``cfg``, ``tau``).
+        labels: write each prompt under its image (entries with one image per prompt).
         all_ranks: call ``log_images`` on every rank (only rank zero writes).  Needed when the
             model is sharded (FSDP2), because generation then runs collectives on all ranks;
             ``None`` turns it on automatically when any parameter is a DTensor.
@@ -69,7 +115,7 @@ class SampleLogger(Callback):
     def __init__(self, prompts: Sequence[str], seeds: Optional[Sequence[int]] = None, every_n_steps: int = 1000,
                  at_fit_end: bool = True, folder: Optional[Union[str, Path]] = None, nrow: Optional[int] = None,
                  tag_prefix: str = "samples", log_kwargs: Optional[Mapping[str, Any]] = None,
-                 all_ranks: Optional[bool] = None) -> None:
+                 all_ranks: Optional[bool] = None, labels: bool = True) -> None:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("SampleLogger needs at least one prompt")
@@ -87,6 +133,7 @@ class SampleLogger(Callback):
         self.tag_prefix = tag_prefix
         self.log_kwargs = dict(log_kwargs or {})
         self.all_ranks = all_ranks
+        self.labels = bool(labels)
         self.last_logged_step: Optional[int] = None
 
     def _run_on_all_ranks(self, pl_module: LightningModule) -> bool:
@@ -126,7 +173,11 @@ class SampleLogger(Callback):
                             f"got {type(images).__name__}")
         grids = {}
         for name, batch in images.items():
-            grid = make_grid(batch.detach().float().clamp(0, 1).cpu(), nrow=self.nrow)
+            batch = batch.detach().float().clamp(0, 1).cpu()
+            if self.labels and batch.shape[0] == len(self.prompts):
+                grid = label_grid(batch, self.prompts, nrow=self.nrow)
+            else:
+                grid = make_grid(batch, nrow=self.nrow)
             grids[name] = grid
             tag = f"{self.tag_prefix}/{name}" if self.tag_prefix else name
             self._send(trainer, tag, grid, step)

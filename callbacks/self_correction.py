@@ -1,4 +1,4 @@
-"""Schedule of Bitwise Self-Correction (spec 3) over optimizer steps.
+"""Schedule of Bitwise Self-Correction (docs/model.md#bitwise-self-correction) over optimizer steps.
 
 Bitwise Self-Correction flips bits of the teacher-forced prefix during training.  Two numbers
 control it, and this callback sets both on the LightningModule before every training batch:

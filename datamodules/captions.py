@@ -1,4 +1,4 @@
-"""Caption selection for training records (spec section 8.4).
+"""Caption selection for training records (docs/model.md#data).
 
 A record has a long caption and optionally a short one (``text``).  During training the short
 caption is used with probability ``short_caption_prob``; with *dynamic-length prompts* a long

@@ -2,7 +2,7 @@
 
 Each line is a JSON object with ``image_path`` (relative to the jsonl file's folder, or to
 ``image_root`` when given, or absolute), ``h_div_w`` (the image's height / width),
-``long_caption``, and optionally ``text`` (a short caption) and ``long_caption_type`` (spec 8.1).
+``long_caption``, and optionally ``text`` (a short caption) and ``long_caption_type`` (docs/model.md#data).
 
 Differences from the original, on purpose:
 
@@ -194,13 +194,13 @@ def find_jsonl_files(data_dir: Union[str, Path, Sequence[Union[str, Path]]]) -> 
 
 
 class JsonlDataModule(ImageTextDataModule):
-    """Training data in the original Infinity jsonl layout (spec 8.1).
+    """Training data in the original Infinity jsonl layout (docs/model.md#data).
 
     Args (besides those of :class:`~.base.ImageTextDataModule`):
         data_dir: folder of ``<template>_<count>.jsonl`` files, or a file or list of files.
         image_root: folder relative image paths start from (default: each jsonl file's folder).
         short_caption_prob: probability of training on the short caption (``text``).
-        dynamic_length_prompts: cut long captions to a random number of sentences (spec 8.4).
+        dynamic_length_prompts: cut long captions to a random number of sentences (docs/model.md#data).
     """
 
     def __init__(self, *, data_dir: Union[str, Path, Sequence[Union[str, Path]]],

@@ -1,4 +1,4 @@
-"""Image decoding and the training transform (spec section 8.3).
+"""Image decoding and the training transform (docs/model.md#data).
 
 * :func:`open_image` decodes a file or bytes to an RGB ``PIL.Image`` and turns every way an
   image can be unusable (missing, empty, not an image, truncated, decompression bomb) into a

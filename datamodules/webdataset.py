@@ -4,7 +4,7 @@ A shard is a tar file; files sharing a *key* (the member path up to the first ``
 name: ``000123.jpg`` and ``000123.txt``) form one sample.  A sample needs an image (``jpg``,
 ``jpeg``, ``png`` or ``webp``) and a caption: a ``txt`` file (UTF-8), or a ``json`` file with
 ``"caption"``, ``"text"`` or ``"long_caption"`` (with ``"long_caption"`` and ``"text"`` both
-present, the caption is chosen as for the jsonl layout, spec 8.4).
+present, the caption is chosen as for the jsonl layout, docs/model.md#data).
 
 Splitting
     Each epoch the shard list is shuffled with ``(seed, epoch)`` (the same order on every rank);
@@ -305,7 +305,7 @@ class WebDatasetDataModule(ImageTextDataModule):
         shuffle_buffer: samples held in each worker's shuffle buffer.
         batches_per_epoch: batches per rank per epoch (needed for DDP; ``None``: one pass).
         short_caption_prob / dynamic_length_prompts: caption choice for ``json`` captions with
-            ``long_caption`` and ``text`` (spec 8.4).
+            ``long_caption`` and ``text`` (docs/model.md#data).
     """
 
     def __init__(self, *, shards: Union[str, Path, Sequence[Union[str, Path]]], shuffle_buffer: int = 256,

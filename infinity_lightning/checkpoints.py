@@ -54,7 +54,7 @@ _TRANSFORMER_MARKERS = ("block_chunks.", "blocks.", "cfg_uncond", "word_embed.",
 
 
 def canonical_tokenizer_key(key: str) -> str:
-    """Map a plain LDM-style name to the wrapped released name (spec 7.3).
+    """Map a plain LDM-style name to the wrapped released name (docs/model.md#checkpoint-formats).
 
     ``encoder.conv_in.weight`` -> ``encoder.conv_in.conv.weight``,
     ``encoder.down.0.downsample.conv.bias`` -> ``encoder.down.0.downsample.conv.conv.bias``,

@@ -1,6 +1,6 @@
 """Image loading, resizing and conversion with Pillow and torch (no torchvision).
 
-The conventions are those of the original training transform (spec 8.3) and output path:
+The conventions are those of the original training transform (docs/model.md#data) and output path:
 
 * pixels enter the models as ``uint8 / 255 * 2 - 1`` in [-1, 1], channels first;
 * :func:`resize_cover_crop` resizes with LANCZOS so the image covers the target, then crops the
@@ -100,7 +100,7 @@ def load_image(path: PathLike) -> Image.Image:
 
 
 def cover_size(width: int, height: int, tgt_h: int, tgt_w: int) -> Tuple[int, int]:
-    """Size ``(new_w, new_h)`` that covers ``tgt_h x tgt_w`` with the aspect ratio kept (spec 8.3).
+    """Size ``(new_w, new_h)`` that covers ``tgt_h x tgt_w`` with the aspect ratio kept (docs/model.md#data).
 
     If ``w/h <= tgt_w/tgt_h`` the width becomes ``tgt_w`` and the height ``int(tgt_w*h/w)``,
     otherwise the height becomes ``tgt_h`` and the width ``int(tgt_h*w/h)``.  Where the int

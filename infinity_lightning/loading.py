@@ -61,6 +61,7 @@ from .io import CheckpointError, atomic_write
 from .models.infinity import TransformerConfig
 from .models.text_encoder import TextEncoder
 from .presets import RELEASED_VARIANTS, TOKENIZER_FILES, released_architecture
+from .quiet import hf_progress_bars_off, is_small_model
 from .sampling import SamplingConfig
 from .scales import ScaleSchedule
 
@@ -163,7 +164,8 @@ def check_source(path_or_repo_id: PathLike) -> Optional[Path]:
     """The local folder ``path_or_repo_id`` names, or None for a Hub repository id to fetch.
 
     Raises ``FileNotFoundError`` ("pipeline folder ... does not exist") for any other missing
-    name, and ``ValueError`` for a file where a folder is expected; nothing is downloaded.
+    name, including an ``owner/name`` whose ``owner`` is a local folder (``runs/nope``), and
+    ``ValueError`` for a file where a folder is expected; nothing is downloaded.
     """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
@@ -173,6 +175,10 @@ def check_source(path_or_repo_id: PathLike) -> Optional[Path]:
                          "with tokenizer= and text_encoder=)")
     if not _is_repo_id(str(path_or_repo_id)):
         raise FileNotFoundError(f"pipeline folder {str(path_or_repo_id)!r} does not exist")
+    owner = Path(str(path_or_repo_id).split("/", 1)[0])
+    if owner.is_dir():  # 'runs/nope' next to a local runs/ folder is a path, not a Hub repository
+        raise FileNotFoundError(f"pipeline folder {str(path_or_repo_id)!r} does not exist (a local folder "
+                                f"{owner}/ exists, so it is not taken for a Hugging Face repository id)")
     return None
 
 
@@ -414,7 +420,8 @@ def _text_encoder(spec: Any, folder: Optional[Path], fetched: bool, repo_id: str
             f"{folder}/flan-t5-xl), or pass text_encoder=FOLDER")
     names["text_encoder"] = str(path)
     dtype = parse_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16), "text encoder dtype")
-    return TextEncoder.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+    with hf_progress_bars_off(is_small_model(path)):  # a bar for a tiny local encoder is noise
+        return TextEncoder.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
 
 
 def load_components(path_or_repo_id: Optional[PathLike] = None, *, transformer: Any = None, tokenizer: Any = None,

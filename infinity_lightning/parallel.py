@@ -136,7 +136,7 @@ def _policies(mixed_precision: Optional[str]):
     if mixed_precision == "bf16":
         # Blocks compute with bf16 weights (half the all-gather traffic and unsharded memory);
         # gradients are reduced in fp32 and the sharded master weights stay fp32.  Inputs are not
-        # cast, so the residual stream stays fp32 as in the original (spec 1.13); the blocks'
+        # cast, so the residual stream stays fp32 as in the original (docs/model.md#memory-and-precision); the blocks'
         # fp32 LayerNorm outputs meet bf16 weights under autocast (precision="bf16-mixed").
         block = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                      cast_forward_inputs=False)
@@ -163,7 +163,7 @@ def _check_options(activation_checkpointing: Optional[str], mixed_precision: Opt
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: Optional[str]) -> None:
-    """Activation checkpointing per block: ``"full-block"`` or ``"self-attn"`` (spec 4.5), or off.
+    """Activation checkpointing per block: ``"full-block"`` or ``"self-attn"`` (docs/model.md#memory-and-precision), or off.
 
     The model recomputes in backward itself (``InfinityTransformer.set_activation_checkpointing``:
     non-reentrant ``torch.utils.checkpoint`` around each block, or around each block's

@@ -5,7 +5,7 @@ The configuration classes live beside their models (:class:`~.models.bsq_vae.Tok
 
 ``TOKENIZER_PRESETS`` holds the released BSQ-VAE tokenizers (d16, d24, d32, d32_reg, d64 and the
 8B model's stride-8 d56 patchify tokenizer) plus tiny ones; ``TRANSFORMER_PRESETS`` the Infinity
-transformers of spec 1.1 (2b, 8b, 20b, layer12 ... layer48) plus tiny ones.  A trailing ``c<N>``
+transformers of the original release (docs/model.md#the-transformer; 2b, 8b, 20b, layer12 ... layer48) plus tiny ones.  A trailing ``c<N>``
 on a transformer name (``layer12c4``, ``2bc8``) sets ``block_chunks=N`` as the original CLI does.
 ``dataclasses.replace(preset, **overrides)`` derives variants; unknown fields are an error.
 """

@@ -1,4 +1,4 @@
-"""Bitwise Self-Correction (BSC) and the teacher-forced transformer inputs (spec section 3).
+"""Bitwise Self-Correction (BSC) and the teacher-forced transformer inputs (docs/model.md#bitwise-self-correction).
 
 A pure function: raw tokenizer features and a scale schedule in, next-scale inputs and bit
 labels out.  Flips are drawn from a ``torch.Generator`` (reproducible on any device) or given as
@@ -132,7 +132,7 @@ def teacher_forcing_inputs(raw: torch.Tensor, vae_schedule: Sequence[Sequence[in
 def draw_flip_masks(vae_schedule: Sequence[Sequence[int]], batch_size: int, bits: int, layers: int,
                     strength: float, p_generator: torch.Generator, mask_generator: torch.Generator,
                     device: Union[str, torch.device]) -> List[torch.Tensor]:
-    """Bitwise Self-Correction flip masks for scales ``0 .. layers-1`` (spec 3).
+    """Bitwise Self-Correction flip masks for scales ``0 .. layers-1`` (docs/model.md#bitwise-self-correction).
 
     Per scale one probability ``p ~ U{0, 0.01, ..., strength}`` (from ``p_generator``, CPU),
     then i.i.d. Bernoulli(p) bits of shape (B, 1, h_k, w_k, d) in VAE layout (from

@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from .checkpoints import load_tokenizer, load_transformer, save_tokenizer, save_transformer
+from .quiet import hf_progress_bars_off
 
 PathLike = Union[str, os.PathLike]
 
@@ -89,7 +90,8 @@ def make_tiny_t5(folder: PathLike, texts: Optional[Iterable[str]] = None, d_mode
         model = T5EncoderModel(config)
     finally:
         torch.random.set_rng_state(state)
-    model.save_pretrained(folder)
+    with hf_progress_bars_off():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -1,6 +1,6 @@
 """Loading and exporting Infinity transformer weights (re-exported by :mod:`.checkpoints`).
 
-Accepted sources (spec 7.1, 7.2, 7.4):
+Accepted sources (docs/model.md#checkpoint-formats):
 
 * the released flat state dict (``infinity_2b_reg.pth``, ``infinity_125M_256x256.pth``);
 * original training checkpoints ``{"trainer": {"gpt_fsdp": state_dict, "gpt_ema_fsdp": ...}}``

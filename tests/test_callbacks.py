@@ -222,7 +222,7 @@ def test_sample_logger_steps_tensorboard_and_png(tmp_path):
 
     logger = TensorBoardLogger(tmp_path, name="tb")
     sampler = SampleLogger(["a dog", "a cat", "an apple"], seeds=[7, 8, 9], every_n_steps=2, folder=tmp_path / "png",
-                           log_kwargs={"scale": 0.5})
+                           log_kwargs={"scale": 0.5}, labels=False)  # the bare grid's pixels are checked
     model = Tiny()
     _trainer(tmp_path, 5, [sampler], logger=logger).fit(model, _data())
     assert [c[0] for c in model.image_calls] == [2, 4, 5]  # every 2 steps, then at fit end
@@ -251,7 +251,7 @@ def test_sample_logger_only_on_rank_zero(tmp_path):
     sampler.on_train_batch_end(fake, model, None, None, 0)
     assert calls == [] and not (tmp_path / "png").exists()
     # With sharded models every rank must run generation; only rank zero writes.
-    everyone = SampleLogger(["p"], every_n_steps=2, folder=tmp_path / "png", all_ranks=True)
+    everyone = SampleLogger(["p"], every_n_steps=2, folder=tmp_path / "png", all_ranks=True, labels=False)
     assert everyone.log_samples(fake, model) == {}
     assert calls == [[0]] and not (tmp_path / "png").exists()
     fake.is_global_zero = True

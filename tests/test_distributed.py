@@ -8,7 +8,7 @@ single-process reference, one training launch, one data launch), shared by modul
 
 Numbers: a tiny transformer (4 blocks in 2 chunks, width 64), a global batch of 4 split 2 + 2,
 four AdamW steps with gradient clipping, EMA decay 0.8, fp32.  The cross-attention rounds q, k, v
-and its output to bf16 even in fp32 (spec 1.8), so a batch of 2 and a batch of 4 flip a few bf16
+and its output to bf16 even in fp32 (docs/model.md#numerics), so a batch of 2 and a batch of 4 flip a few bf16
 roundings differently: losses agree to 1e-5 relative, weights to a small fraction of the total
 update; a resumed run and the consolidated file agree exactly.
 """

@@ -4,7 +4,7 @@ Tolerances (measured on these configurations, fp32; see benchmarks/README.md):
 
 * parity fixture model (0.06M schedule, L = 521): fast vs exact logits 3.2e-5 with the bf16
   rounding of the cross-attention kept (the default), 2.5e-2 with it dropped (the exact path
-  rounds to bf16 there; the spec quotes 2.5e-2 to 5e-2 for skipping the casts);
+  rounds to bf16 there; skipping the casts moves them by 2.5e-2 to 5e-2, models/numerics.py);
 * a randomised model with every path active (logits up to 10): 6e-4 logits, 1.5e-5 gradients
   (largest gradient 7).
 """

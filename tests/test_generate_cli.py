@@ -45,7 +45,7 @@ def test_generate_from_prompts(folder, tmp_path, capsys):
         direct = pipe(prompt, seed=5 + i, cfg=2.5, resolution=64, output_type="np")[0]
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), direct)
     # existing files are kept unless asked
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit, match=r"--out .* already holds 000000.png; use --overwrite, --skip-existing"):
         main(["generate", "--pipeline", str(folder), "--prompt", "x", "--resolution", "64", "--out", str(out)])
     assert main(["generate", "--pipeline", str(folder), "--prompt", "a photo of a dog", "--prompt", "a cat",
                  "--resolution", "64", "--out", str(out), "--skip-existing"]) == 0

@@ -64,7 +64,7 @@ def test_cover_size(size, target, expected):
         plain = (int(tgt_h * w / h), tgt_h)
     got = images.cover_size(w, h, tgt_h, tgt_w)
     assert got == expected
-    assert got == (max(plain[0], tgt_w), max(plain[1], tgt_h))  # the spec rule, never short of the target
+    assert got == (max(plain[0], tgt_w), max(plain[1], tgt_h))  # the original's rule (docs/model.md#data), never short of the target
 
 
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (100, 100), (1000, 500), (33, 77), (451, 300)])

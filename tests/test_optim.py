@@ -1,4 +1,4 @@
-"""Optimizer groups (spec 4.3), LR / WD schedules (spec 4.4), 8-bit AdamW, LR scaling."""
+"""Optimizer groups, LR / WD schedules (docs/model.md#optimiser-and-learning-rate), 8-bit AdamW, LR scaling."""
 from __future__ import annotations
 
 
@@ -59,7 +59,7 @@ def test_weight_decay_schedule_and_lr_scaling():
     assert optim.weight_decay_at(0, 0.05, 0.01, 101) == pytest.approx(0.05)
     assert optim.weight_decay_at(50, 0.05, 0.01, 101) == pytest.approx(0.03)
     assert optim.weight_decay_at(100, 0.05, 0.01, 101) == pytest.approx(0.01)
-    assert optim.scaled_lr(6e-3, 32) == pytest.approx(7.5e-4)  # 8 GPUs x 4 (spec 4.4)
+    assert optim.scaled_lr(6e-3, 32) == pytest.approx(7.5e-4)  # 8 GPUs x 4 (docs/model.md#optimiser-and-learning-rate)
     m = make_module(lr=None, tblr=6e-3, global_batch_size=32)
     assert m.learning_rate() == pytest.approx(7.5e-4)
     with pytest.raises(ValueError, match="exactly one of lr"):

@@ -18,7 +18,7 @@ from infinity_lightning.recipes import RecipeError, list_recipes
 
 
 def _jsonl_folder(root: Path) -> Path:
-    """The original on-disk layout (spec 8.1) with four 256 px images."""
+    """The original on-disk layout (docs/model.md#data) with four 256 px images."""
     root.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, colour in enumerate(["red", "green", "blue", "white"]):

@@ -92,7 +92,7 @@ def test_kv_cached_logits_equal_teacher_forced_logits(preset, tok):
 
 
 def test_patchify_bit_order_matches_pixel_unshuffle():
-    """Token channel 4c + 2dy + dx holds latent channel c at sub-position (dy, dx) (spec 1.10)."""
+    """Token channel 4c + 2dy + dx holds latent channel c at sub-position (dy, dx) (docs/model.md#the-transformer)."""
     vae = load_tokenizer("tiny_f8")
     torch.manual_seed(1)
     images = torch.rand(2, 3, 64, 64) * 2 - 1

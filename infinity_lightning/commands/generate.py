@@ -115,12 +115,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--skip-existing", action="store_true", help="skip records whose PNG already exists")
 
 
-def _accelerator(device: str) -> str:
+def _accelerator(device: str, devices: int = 1) -> str:
+    """The Lightning accelerator of ``--device``; a device this machine lacks is a ``ValueError``
+    naming the flag (before anything is loaded)."""
     import torch
 
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: this machine has no usable CUDA GPU; use --device cpu")
+        if devices > torch.cuda.device_count():
+            raise ValueError(f"--devices {devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         return "gpu"
     if device == "cpu":
         return "cpu"
@@ -151,11 +157,16 @@ def _check_model(args: argparse.Namespace) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"generate: --pipeline: {e}") from None
     if args.text_encoder and not Path(args.text_encoder).expanduser().is_dir():
-        raise SystemExit(f"generate: --text-encoder folder {args.text_encoder!r} does not exist")
+        what = "is a file, expected a Hugging Face folder" if Path(args.text_encoder).expanduser().exists() \
+            else "does not exist"
+        raise SystemExit(f"generate: --text-encoder folder {args.text_encoder!r} {what}")
     for flag in ("transformer", "tokenizer"):
         value = getattr(args, flag)
         if value and not Path(value).expanduser().exists() and ("/" in value or Path(value).suffix):
             raise SystemExit(f"generate: --{flag} {value!r} does not exist")
+    if args.tokenizer and Path(args.tokenizer).expanduser().is_dir():
+        raise SystemExit(f"generate: --tokenizer {args.tokenizer!r} is a folder, expected a weights file "
+                         "(.pth or .safetensors)")
 
 
 def _check_records(records: List[Dict[str, Any]], args: argparse.Namespace) -> None:
@@ -208,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     _check_records(records, args)
     _check_out(args.out)
     try:
-        accelerator = _accelerator(args.device)
+        accelerator = _accelerator(args.device, args.devices)
     except ValueError as e:
         raise SystemExit(f"generate: {e}") from None
     model = {k: getattr(args, k) for k in ("pipeline", "variant", "transformer", "tokenizer", "text_encoder")
@@ -219,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
         if not records:
             print(json.dumps({"written": 0, "out": str(args.out), "skipped": "all"}))
             return 0
+    elif not args.overwrite:
+        taken = [r for r in records if any(p.exists() for p in writer.paths(r["index"]))]
+        if taken:
+            more = f" (and the files of {len(taken) - 1} more record(s))" if len(taken) > 1 else ""
+            raise SystemExit(f"generate: --out {args.out} already holds {writer.paths(taken[0]['index'])[0].name}"
+                             f"{more}; use --overwrite, --skip-existing or another folder")
 
     pipe = InfinityPipeline.from_pretrained(
         args.pipeline, transformer=args.transformer, tokenizer=args.tokenizer, text_encoder=args.text_encoder,

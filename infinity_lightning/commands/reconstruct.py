@@ -16,12 +16,18 @@ input, then the decoded image after 1, 2, ..., K scales) is written to ``--out``
 ``metrics.json`` with per-image and mean PSNR / SSIM (torchmetrics, on [0, 1] images after uint8
 truncation; SSIM with the usual 11x11 Gaussian window, so values differ slightly from
 scikit-image's default window).
+
+Arguments are checked before the tokenizer is loaded: a missing image or a folder given as an
+image is an error naming it.  An image that cannot be read (or is too small for the tokenizer) is
+skipped, reported on stderr and listed under ``skipped`` in ``metrics.json``; the others are
+reconstructed and scored, and the exit status is 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
@@ -40,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--resize", choices=("crop", "template", "none"), default="crop",
                         help="how images are brought to a size the tokenizer accepts (default: crop)")
-    parser.add_argument("--size", type=int, default=256, help="square side for --resize crop (default 256)")
+    parser.add_argument("--size", type=_positive, default=256, help="square side for --resize crop (default 256)")
     parser.add_argument("--pn", default="0.25M", choices=("0.06M", "0.25M", "0.60M", "1M"),
                         help="pixel budget for --resize template (default 0.25M, 512x512 for square images)")
     parser.add_argument("--schedule", choices=("dynamic", "dense", "single"), default="dynamic",
@@ -89,8 +95,6 @@ def prepare_image(path: str, vae, args) -> Tuple["PIL.Image.Image", Tuple[int, i
     original = img.size
     stride = vae.stride
     if args.resize == "crop":
-        if args.size % stride:
-            raise SystemExit(f"--size {args.size} is not a multiple of the tokenizer stride {stride}")
         img = images.resize_cover_crop(img, args.size, args.size)
     elif args.resize == "template":
         tgt_h, tgt_w = images.template_size(img.size[1], img.size[0], args.pn)
@@ -123,20 +127,58 @@ def _unique_stem(path: str, used: set) -> str:
     return name
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no tokenizer: the images, ``--out`` and ``--device``."""
+    missing = [p for p in args.images if not Path(p).exists()]
+    if missing:
+        raise SystemExit(f"reconstruct: image file(s) not found: {', '.join(missing)}")
+    folders = [p for p in args.images if Path(p).is_dir()]
+    if folders:
+        raise SystemExit(f"reconstruct: {folders[0]} is a folder; give image files (e.g. {folders[0]}/*.png)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"reconstruct: --out {args.out} exists and is not a folder")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"reconstruct: --device {args.device!r}: this machine has no usable CUDA GPU; "
+                             "use --device cpu")
+    elif args.device not in ("cpu", "mps"):
+        raise SystemExit(f"reconstruct: --device {args.device!r}: expected cpu, cuda or cuda:N")
+
+
 def run(args: argparse.Namespace) -> int:
     from infinity_lightning import images
     from infinity_lightning.checkpoints import load_tokenizer
 
+    check_arguments(args)
     device = torch.device(args.device)
     vae = load_tokenizer(args.tokenizer).to(device)
+    if args.resize == "crop" and args.size % vae.stride:
+        raise SystemExit(f"reconstruct: --size {args.size} is not a multiple of the tokenizer stride {vae.stride}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     rows: List[Dict[str, object]] = []
+    skipped: List[Dict[str, str]] = []
     used: set = set()
     for path in args.images:
-        img, original = prepare_image(path, vae, args)
+        try:
+            img, original = prepare_image(path, vae, args)
+        except (ValueError, OSError) as e:  # unreadable, or smaller than the stride
+            skipped.append({"image": str(path), "error": str(e)})
+            print(f"reconstruct: skipped {path}: {e}", file=sys.stderr)
+            continue
         x = images.pil_to_tensor(img).unsqueeze(0).to(device)
         with torch.no_grad(), autocast:
             raw = vae.encode_raw(x)
@@ -166,18 +208,21 @@ def run(args: argparse.Namespace) -> int:
             row["psnr_per_scale"] = [_metrics(s[0].cpu(), x[0].cpu())["psnr"] for s in steps]
         rows.append(row)
 
-    mean = {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("psnr", "ssim")}
+    mean = ({k: sum(float(r[k]) for r in rows) / len(rows) for k in ("psnr", "ssim")} if rows
+            else {"psnr": None, "ssim": None})
     report = {"tokenizer": str(args.tokenizer), "resize": args.resize, "dtype": args.dtype,
-              "images": rows, "mean": mean}
+              "images": rows, "mean": mean, "skipped": skipped}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
 
-    width = max(len(str(r["name"])) for r in rows)
-    print(f"{'image':<{width}}  {'size':>9}  {'psnr':>7}  {'ssim':>6}")
-    for r in rows:
-        size = "x".join(map(str, r["size"]))
-        print(f"{str(r['name']):<{width}}  {size:>9}  {r['psnr']:7.2f}  {r['ssim']:6.4f}")
-    print(f"{'mean':<{width}}  {'':>9}  {mean['psnr']:7.2f}  {mean['ssim']:6.4f}")
-    print(f"wrote {len(rows)} reconstruction(s) and metrics.json to {out_dir}")
-    if any(math.isnan(float(r["psnr"])) for r in rows):
+    if rows:
+        width = max(len(str(r["name"])) for r in rows)
+        print(f"{'image':<{width}}  {'size':>9}  {'psnr':>7}  {'ssim':>6}")
+        for r in rows:
+            size = "x".join(map(str, r["size"]))
+            print(f"{str(r['name']):<{width}}  {size:>9}  {r['psnr']:7.2f}  {r['ssim']:6.4f}")
+        print(f"{'mean':<{width}}  {'':>9}  {mean['psnr']:7.2f}  {mean['ssim']:6.4f}")
+    print(f"wrote {len(rows)} reconstruction(s) and metrics.json to {out_dir}"
+          + (f"; skipped {len(skipped)} image(s) that could not be used" if skipped else ""))
+    if skipped or any(math.isnan(float(r["psnr"])) for r in rows):
         return 1
     return 0

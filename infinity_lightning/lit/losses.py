@@ -13,7 +13,7 @@ __all__ = ["bitwise_cross_entropy", "bit_accuracies", "scale_token_weights"]
 
 
 def scale_token_weights(schedule: Sequence[Sequence[int]], reweight: bool, device=None) -> torch.Tensor:
-    """Per-token loss weights (L,), summing to 1 (spec 4.2).
+    """Per-token loss weights (L,), summing to 1 (docs/model.md#loss).
 
     ``reweight=False``: 1/L each.  ``reweight=True``: tokens of scale k weigh
     ``1 / sqrt(h_k w_k)`` before normalisation, so scale k's total weight is
@@ -30,7 +30,7 @@ def scale_token_weights(schedule: Sequence[Sequence[int]], reweight: bool, devic
 
 def bitwise_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor,
                           label_smoothing: float = 0.0, bitloss_type: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Bitwise CE of spec 4.2: a 2-way softmax per bit.
+    """Bitwise CE (docs/model.md#loss): a 2-way softmax per bit.
 
     logits (B, L, 2 d) with ``logits[..., 2b + c]`` = logit of bit b == c; labels (B, L, d) in
     {0, 1}; token_weights (L,).  Returns ``(loss scalar, per-token loss (B, L))``: per token the

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups, LR / weight-decay schedules and the optimizer factory (spec 4.3, 4.4).
+"""Optimizer parameter groups, LR / weight-decay schedules and the optimizer factory (docs/model.md#optimiser-and-learning-rate).
 
 Parameter groups follow the original ``--nowd 1`` rule: a parameter goes to the no-decay group
 ``"ND"`` when it is 1-D, when its name ends in ``bias``, or when its name contains one of
@@ -87,7 +87,7 @@ def describe_groups(groups: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, int
 
 
 def scaled_lr(tblr: float, global_batch_size: int) -> float:
-    """The original's LR rule ``lr = tblr * global_batch / 256`` (spec 4.4)."""
+    """The original's LR rule ``lr = tblr * global_batch / 256`` (docs/model.md#optimiser-and-learning-rate)."""
     return float(tblr) * float(global_batch_size) / 256.0
 
 

@@ -106,9 +106,14 @@ def read_prompts_file(path: Union[str, Path]) -> List[Union[str, Dict[str, Any]]
     skipped) or a ``.jsonl`` file (one JSON object per line with ``prompt``/``text``/``caption``/
     ``long_caption`` and optional ``seed``, ``negative_prompt``, ``h_div_w``)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"prompts file {path} is a folder, expected a text or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix.lower() in (".jsonl", ".json"):
         out: List[Union[str, Dict[str, Any]]] = []
         for n, line in enumerate(lines, 1):

@@ -383,6 +383,7 @@ def build_text_encoder(spec: Optional[str], kwargs: Optional[Mapping[str, Any]],
     Hugging Face folder."""
     from ..dtypes import parse_dtype
     from ..models.text_encoder import TextEncoder
+    from ..quiet import hf_progress_bars_off, is_small_model
     from ..tiny import make_tiny_t5
 
     if spec is None:
@@ -396,8 +397,9 @@ def build_text_encoder(spec: Optional[str], kwargs: Optional[Mapping[str, Any]],
         if not (folder / "config.json").exists():
             texts = (list(_dataset_captions(datamodule)) if datamodule is not None else []) + list(extra_texts)
             make_tiny_t5(folder, texts or None, d_model=d_model, num_heads=max(1, d_model // 32))
-        return TextEncoder.from_pretrained(folder, **kwargs)
-    return TextEncoder.from_pretrained(spec, **kwargs)
+        spec = folder
+    with hf_progress_bars_off(is_small_model(spec)):  # a bar for a tiny local encoder is noise
+        return TextEncoder.from_pretrained(spec, **kwargs)
 
 
 def _check_tokenizer_source(model_cfg: Mapping[str, Any], where: str) -> None:

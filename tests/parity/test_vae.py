@@ -51,7 +51,7 @@ def test_multiscale_quantization(case, single_thread):
         assert torch.equal(ours, ref.to(ours.dtype)), f"bit labels differ at scale {k}: {int((ours != ref).sum())} bits"
     torch.testing.assert_close(summed, expected["summed_codes"], atol=ATOL, rtol=RTOL)
     # The quantizer has no convolutions: it should agree to the last bits.  Tighter than 1e-5 so
-    # that the memory-layout rule of spec 6.5 is checked (a contiguous copy of each scale's codes
+    # that the memory-layout rule of models/numerics.py is checked (a contiguous copy of each scale's codes
     # before upsampling moves the d=24 sum by 2.4e-7).
     torch.testing.assert_close(summed, expected["summed_codes"], atol=1e-7, rtol=0)
 
