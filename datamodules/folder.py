@@ -173,6 +173,9 @@ class ImageFolderDataModule(ImageTextDataModule):
     def __init__(self, *, data_dir: Union[str, Path], captions_file: Optional[str] = CAPTIONS_FILE,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not Path(data_dir).is_dir():  # checked now, before a run starts, not when the data is first read
+            what = "is a file, not a folder" if Path(data_dir).exists() else "not found"
+            raise FileNotFoundError(f"image folder {data_dir} {what} (data.data_dir)")
         self.data_dir = data_dir
         self.captions_file = captions_file
         self.extensions = tuple(extensions)

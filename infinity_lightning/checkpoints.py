@@ -231,7 +231,7 @@ def check_overrides_agree(stored: Any, cfg: Any, overrides: Mapping[str, Any], s
                  if k not in allowed and hasattr(stored, k) and getattr(cfg, k) != getattr(stored, k)]
     if conflicts:
         raise CheckpointError(f"{source} stores its architecture, and the override {', '.join(conflicts)} contradicts "
-                              "it; drop the override (the weights were trained with the stored value)")
+                              "it (the weights were trained with the stored value); drop the override")
 
 
 def load_tokenizer(path_or_preset: Union[PathLike, str], *, preset: Optional[str] = None,

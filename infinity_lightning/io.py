@@ -118,13 +118,17 @@ def safe_load(path: PathLike, *, what: str = "checkpoint") -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        if "Unsupported global" in msg or "GLOBAL" in msg:
             raise CheckpointError(
                 f"refusing to load {what} file {path}: it contains Python objects that would run code "
                 "when unpickled (only tensors, numbers, strings and plain containers are accepted). "
                 "If you trust the file, re-save its state dict with torch.save(model.state_dict(), ...)."
             ) from e
-        raise CheckpointError(f"{what} file {path} is corrupt or truncated ({msg.splitlines()[0] if msg else e})") from e
+        # torch's message is a paragraph; the unpickler's own reason is the line that says what it met
+        lines = [line.strip() for line in msg.splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith(("Unsupported", "invalid load key"))),
+                      lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{what} file {path} is corrupt, truncated or not a torch.save file ({reason})") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{what} file {path} is corrupt or truncated ({first})") from e

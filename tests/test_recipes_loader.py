@@ -213,3 +213,83 @@ def test_mandatory_values_can_be_overridden_without_plus(tmp_path):
     path.write_text("model:\n  weights: ???\n  depth: 2\n")
     cfg = load_recipe(str(path), ["model.weights=/x.pth"])
     assert cfg.model.weights == "/x.pth"
+
+
+# -- composing: deleting keys, replacing sections, switching components ---------------------------
+COMPONENTS_BASE = """
+data:
+  name: jsonl
+  data_dir: ???
+  batch_size: 2
+  short_caption_prob: 0.5
+  seed: 3
+trainer:
+  max_steps: 10
+"""
+
+#: what each DataModule takes in these tests (the recipe builder passes the real registry)
+TAKES = {"jsonl": {"data_dir", "batch_size", "short_caption_prob", "seed"},
+         "folder": {"data_dir", "batch_size", "captions_file", "seed"}}
+
+
+def _takes(section, name):
+    return TAKES.get(name) if section == "data" else None
+
+
+def test_deleting_a_key_and_replacing_a_section(tmp_path):
+    path = _write(tmp_path, "c.yaml", COMPONENTS_BASE)
+    cfg = load_recipe(path, ["~data.seed", "~trainer.max_steps"])
+    assert "seed" not in cfg.data and "max_steps" not in cfg.trainer and cfg.data.batch_size == 2
+    with pytest.raises(RecipeError, match=r"override '~data.sed': key 'data.sed' is not in .*c.yaml. Did you mean: data.seed"):
+        load_recipe(path, ["~data.sed"])
+    with pytest.raises(RecipeError, match="'~key' deletes a key and takes no value"):
+        load_recipe(path, ["~data.seed=1"])
+    # a mapping value replaces the whole key; a file's nested mapping (and a dotted key) merges
+    cfg = load_recipe(path, ["data={name: folder, data_dir: imgs}"])
+    assert OmegaConf.to_container(cfg.data) == {"name": "folder", "data_dir": "imgs"}
+    cfg = load_recipe(path, ["data.batch_size=8"])
+    assert cfg.data.short_caption_prob == 0.5 and cfg.data.batch_size == 8
+    with pytest.raises(RecipeError, match=r"must look like key=value .*must be quoted in the shell"):
+        load_recipe(path, ["data={name:", "folder}"])
+
+
+def test_a_new_component_starts_its_section_over(tmp_path, caplog):
+    path = _write(tmp_path, "c.yaml", COMPONENTS_BASE)
+    with caplog.at_level("INFO", logger="infinity_lightning.recipes.loader"):
+        cfg = load_recipe(path, ["data.name=folder", "data.data_dir=imgs", "data.captions_file=caps.jsonl"],
+                          components=_takes)
+    # the jsonl-only key is gone, the keys both take stay, the folder's own key needs no '+'
+    assert OmegaConf.to_container(cfg.data) == {"name": "folder", "data_dir": "imgs", "batch_size": 2, "seed": 3,
+                                                "captions_file": "caps.jsonl"}
+    assert "data.short_caption_prob is dropped" in caplog.text and "'folder' replaces 'jsonl'" in caplog.text
+    # keys set by earlier overrides stay even if the new component does not take them (validation names them)
+    cfg = load_recipe(path, ["data.short_caption_prob=0.2", "data.name=folder"], components=_takes)
+    assert cfg.data.short_caption_prob == 0.2
+    # without a registry every other key goes; an unknown name keeps the section for validation to name it
+    cfg = load_recipe(path, ["data.name=folder"])
+    assert OmegaConf.to_container(cfg.data) == {"name": "folder"}
+    cfg = load_recipe(path, ["data.name=pictures"], components=_takes)
+    assert cfg.data.short_caption_prob == 0.5
+    # the same name changes nothing
+    assert load_recipe(path, ["data.name=jsonl"], components=_takes).data.short_caption_prob == 0.5
+    # a key the current component does not take still needs '+'
+    with pytest.raises(RecipeError, match="key 'data.captions_file' is not in"):
+        load_recipe(path, ["data.captions_file=x"], components=_takes)
+
+
+def test_a_file_that_switches_its_bases_component(tmp_path):
+    _write(tmp_path, "base.yaml", COMPONENTS_BASE)
+    child = _write(tmp_path, "child.yaml", "base: base.yaml\ndata:\n  name: folder\n  data_dir: photos\n")
+    cfg = load_recipe(child, components=_takes)
+    assert OmegaConf.to_container(cfg.data) == {"name": "folder", "data_dir": "photos", "batch_size": 2, "seed": 3}
+    same = _write(tmp_path, "same.yaml", "base: base.yaml\ndata:\n  batch_size: 4\n")
+    assert load_recipe(same, components=_takes).data.short_caption_prob == 0.5  # no switch, plain merge
+
+
+def test_the_recipe_builder_knows_the_data_modules():
+    from infinity_lightning.recipes import load_run_recipe
+
+    cfg, _, _ = load_run_recipe("var/finetune_2b", ["model.weights=w", "model.tokenizer=t", "model.text_encoder=e",
+                                                    "data.name=folder", "data.data_dir=imgs", "data.captions_file=c"])
+    assert OmegaConf.to_container(cfg.data, resolve=True) == {"name": "folder", "data_dir": "imgs", "batch_size": 2,
+                                                              "num_workers": 4, "seed": 0, "captions_file": "c"}

@@ -44,11 +44,12 @@ RUN_OUTPUTS = ("recipe.yaml", "tb", "csv", "checkpoints", "samples", "tokenizer.
 
 OVERRIDE_HELP = """\
 overrides (applied in order):
-  key=value            set a key of the recipe (trainer.max_steps=100); values are YAML
-  +key=value           add a key the recipe does not have
-  ~key                 delete a key (its default applies)
-  section={k: v, ...}  replace a whole section or mapping (nothing of the old one is kept)
-  data.name=NAME       another DataModule: the data keys it does not take are dropped (logged)
+  key=value              set a key of the recipe (trainer.max_steps=100); values are YAML
+  +key=value             add a key the recipe does not have
+  ~key                   delete a key (its default applies)
+  'section={k: v, ...}'  replace a whole section or mapping (nothing of the old one is kept;
+                         quoted, as the shell splits at spaces)
+  data.name=NAME         another DataModule: the data keys it does not take are dropped (logged)
 """
 
 

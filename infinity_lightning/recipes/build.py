@@ -34,6 +34,7 @@ names the recipe file and the dotted key:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
@@ -239,7 +240,7 @@ def load_run_recipe(path_or_name: Any, overrides: Sequence[str] = ()):
     if still:
         example = " ".join(f"{k}=..." for k in still)
         raise RecipeError(f"{path}: required value(s) not set: {', '.join(still)}. "
-                          f"Give them on the command line, e.g. `infinity-lightning fit {path_or_name} {example}`")
+                          f"Give them on the command line, e.g. infinity-lightning fit {path_or_name} {example}")
     kind = recipe_kind(cfg, path)
     schema = recipe_schema(kind, to_dict(cfg, str(path)))
     return load_recipe(path, overrides, schema=schema, components=recipe_components), kind, path
@@ -416,12 +417,12 @@ def _check_tokenizer_source(model_cfg: Mapping[str, Any], where: str) -> None:
         return
     if not _is_preset_name(name):
         raise RecipeError(f"{where}: model.tokenizer {name!r}: no such file (expected a trained tokenizer file such "
-                          "as <output_dir>/tokenizer.pth of `infinity-lightning fit tokenizer/...`)")
+                          "as the <output_dir>/tokenizer.pth a tokenizer recipe writes)")
     if not model_cfg.get("random_tokenizer"):
         raise RecipeError(f"{where}: model.tokenizer {name!r} is a preset with random weights; give a trained "
-                          "tokenizer file (model.tokenizer=runs/quickstart/tokenizer.pth: `infinity-lightning "
-                          "quickstart` and `fit tokenizer/...` write one) or set model.random_tokenizer=true to "
-                          "train on a random tokenizer on purpose")
+                          "tokenizer file (model.tokenizer=runs/quickstart/tokenizer.pth; the quick start and the "
+                          "tokenizer recipes write one) or set model.random_tokenizer=true to train on a random "
+                          "tokenizer on purpose")
 
 
 def _build_tokenizer(model_cfg: Mapping[str, Any], training: bool, where: str = "recipe") -> nn.Module:
@@ -480,7 +481,12 @@ def _build_datamodule(data_cfg: Mapping[str, Any], resolution: Any, token_stride
             data_cfg["pn"] = resolution
         elif "image_size" in accepted:
             data_cfg["image_size"] = scales.resolve(resolution, 1.0, token_stride=token_stride).pixel_size(token_stride)[0]
-    return cls(**check_kwargs(cls, data_cfg, where, prefix="data"))
+    kwargs = check_kwargs(cls, data_cfg, where, prefix="data")
+    required = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is p.empty and p.kind is p.KEYWORD_ONLY and n not in kwargs]
+    if required:
+        raise RecipeError(f"{where}: data.name={name} needs {', '.join(f'data.{n}' for n in required)}")
+    return cls(**kwargs)
 
 
 def _build_callbacks(cb_cfg: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]], where: str) -> List[Any]:

@@ -146,9 +146,9 @@ def resolve_recipe(path_or_name: PathLike, relative_to: Optional[Path] = None) -
             return path.resolve()
     known = list_recipes()
     close = difflib.get_close_matches(raw.removesuffix(".yaml"), known, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise RecipeError(f"recipe {raw!r} not found: no such file and no built-in recipe of that name{hint} "
-                      f"(built-in recipes: {', '.join(known) or 'none'})")
+    hint = (f"; did you mean {', '.join(close)}?" if close
+            else f" (built-in recipes: {', '.join(known) or 'none'})")
+    raise RecipeError(f"recipe {raw!r} not found: no such file and no built-in recipe of that name{hint}")
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -242,7 +242,7 @@ def _restart_section(cfg: DictConfig, section: str, new_name: Any, keep: Collect
         return
     dropped = [str(k) for k in node.keys() if k != COMPONENT_KEY and k not in accepted and k not in keep]
     for key in dropped:
-        node.pop(key)
+        del node[key]
     if dropped:
         log.info("%s: %s.%s %r replaces %r, so %s %s dropped (not arguments of %r)", source, section, COMPONENT_KEY,
                  new_name, old_name, ", ".join(f"{section}.{k}" for k in dropped), "is" if len(dropped) == 1 else "are",
@@ -276,7 +276,10 @@ def _parse_override(item: Any) -> Tuple[str, str, Optional[str]]:
         op = "add" if key.startswith("+") else "set"
         key = key.lstrip("+")
     else:
-        raise RecipeError(f"override {item!r} must look like key=value (or +key=value to add a key, ~key to delete one)")
+        quoting = ("; a value with spaces must be quoted in the shell, e.g. 'data={name: folder, data_dir: imgs}'"
+                   if text.endswith(("}", "]")) else "")
+        raise RecipeError(f"override {item!r} must look like key=value (or +key=value to add a key, ~key to delete "
+                          f"one){quoting}")
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {item!r} has an empty key")
     return op, key, value
@@ -307,7 +310,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str = "re
             raise RecipeError(f"override {item!r}: key '{key}' is not in {source}.{hint}{fix}")
         if op == "delete":
             parent, leaf = _parent_and_leaf(cfg, key)
-            parent.pop(leaf)
+            del parent[leaf]
             touched.discard(key)
             continue
         try:
@@ -319,7 +322,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str = "re
                 _restart_section(cfg, section, new_value._value(), keep, components, "the command-line overrides")
             if exists and isinstance(new_value, DictConfig):
                 parent, leaf = _parent_and_leaf(cfg, key)
-                parent.pop(leaf)  # a mapping replaces the whole key
+                del parent[leaf]  # a mapping replaces the whole key
             cfg = OmegaConf.merge(cfg, patch)
         except OmegaConfBaseException as e:
             raise RecipeError(f"cannot apply override {item!r} to {source}: {e}") from e
