@@ -1,6 +1,7 @@
 # Two commands on a fresh clone: `make quickstart` and `make test`.  Each first runs `setup`, which
 # creates .venv and installs the package with its test extra, once: the stamp file is named after
 # setup.py's hash, so the set-up runs again only when setup.py changes (or .venv is removed).
+# `make notebooks` re-executes notebooks/*.ipynb and saves them with their outputs.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 SETUP_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(open('setup.py', 'rb').read()).hexdigest()[:16])")
 STAMP := $(VENV)/.installed-$(SETUP_HASH)
 
-.PHONY: setup quickstart test
+.PHONY: setup quickstart test notebooks
 
 setup: $(STAMP)
 
@@ -25,3 +26,6 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests
+
+notebooks: setup
+	$(BIN)/python scripts/execute_notebooks.py

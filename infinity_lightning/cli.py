@@ -17,11 +17,11 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from typing import List, NoReturn, Optional
 
 from . import __version__
 from .errors import is_user_error, user_message
+from .quiet import silence_known_noise
 
 PROG = "infinity-lightning"
 
@@ -108,22 +108,6 @@ def _command_of(argv: List[str]) -> Optional[str]:
     return None
 
 
-#: Warnings that say nothing a user can act on: Lightning's own deprecated internals; the frozen
-#: (eval-mode) helper networks of the tokenizer module, which are meant so; the validation step of
-#: recipes without validation data; the batch-yielding datasets, which split their work per worker
-#: themselves; the checkpoint folder of a resumed run (a new run never starts in a used one).
-_QUIET_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"Found \d+ module\(s\) in eval mode",
-                   r"You defined a `validation_step` but have no `val_dataloader`",
-                   r"Your `IterableDataset` has `__len__` defined", r"Checkpoint directory .* exists and is not empty")
-
-
-class _DropTips(logging.Filter):
-    """Drops Lightning's advertisement lines (``💡 Tip: ...``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
-
-
 def configure_output() -> None:
     """Log lines once and keep third-party noise out of the terminal.
 
@@ -139,13 +123,8 @@ def configure_output() -> None:
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
         pkg.propagate = False
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        target = logging.getLogger(name)
-        if not any(isinstance(f, _DropTips) for f in target.filters):
-            target.addFilter(_DropTips())
+    silence_known_noise()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for message in _QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -447,3 +447,14 @@ def test_no_citations_of_a_document_the_repository_does_not_have():
             found += [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
                       if pattern.search(line)]
     assert not found, f"'spec X.Y' citations (cite docs/model.md#<section> instead): {found}"
+
+
+def test_notebooks_are_saved_with_small_outputs():
+    """A reader of notebooks/ sees what the code prints (scripts/execute_notebooks.py saves it)."""
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        if path.name in ("generate.ipynb", "tokenizer.ipynb", "finetune.ipynb"):
+            assert all(c.get("outputs") for c in code if "display(" in "".join(c["source"])), path.name
+            assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", [])), path.name
+        assert path.stat().st_size < 300 * 1024, f"{path.name} is {path.stat().st_size // 1024} KB"
