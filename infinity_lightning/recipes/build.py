@@ -243,6 +243,7 @@ def load_run_recipe(path_or_name: Any, overrides: Sequence[str] = ()):
                           f"Give them on the command line, e.g. infinity-lightning fit {path_or_name} {example}")
     kind = recipe_kind(cfg, path)
     schema = recipe_schema(kind, to_dict(cfg, str(path)))
+    _check_reserved(to_dict(cfg, str(path)), str(path))
     return load_recipe(path, overrides, schema=schema, components=recipe_components), kind, path
 
 
@@ -504,13 +505,20 @@ def _build_callbacks(cb_cfg: Mapping[str, Any], defaults: Mapping[str, Mapping[s
     return out
 
 
-def _module_kwargs(cls: Any, section: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    section = dict(section)
-    reserved = sorted(set(section) & set(_BUILT))
+def _check_reserved(cfg: Any, where: str) -> None:
+    """``module`` keys the builder sets itself are an error that says so (before the schema would
+    call them unknown)."""
+    section = (cfg or {}).get("module") if isinstance(cfg, Mapping) else None
+    reserved = sorted(set(section) & set(_BUILT)) if isinstance(section, Mapping) else []
     if reserved:
         raise RecipeError(f"{where}: module.{reserved[0]} is set by the recipe builder (see the recipe's "
                           "schedule, model, optim and sampling sections)")
     return check_kwargs(cls, section, where, prefix="module", exclude=_BUILT)
+
+
+def _module_kwargs(cls: Any, section: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    section = dict(section)
+    _check_reserved({"module": section}, where)
 
 
 def _optim(cfg: Mapping[str, Any], where: str):
@@ -667,6 +675,7 @@ def build_run(cfg: Any, output_dir: Optional[Union[str, Path]] = None, source: s
     if kind not in KINDS:
         raise RecipeError(f"{source}: kind {kind!r} is not one of {KINDS}")
     validate(plain, recipe_schema(kind, plain), source)
+    _check_reserved(plain, source)
     out_dir = Path(output_dir or plain.get("output_dir") or f"runs/{kind}")
     pl.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
     build = _build_var if kind == "var" else _build_tokenizer_run
