@@ -242,8 +242,8 @@ def load_run_recipe(path_or_name: Any, overrides: Sequence[str] = ()):
         raise RecipeError(f"{path}: required value(s) not set: {', '.join(still)}. "
                           f"Give them on the command line, e.g. infinity-lightning fit {path_or_name} {example}")
     kind = recipe_kind(cfg, path)
-    schema = recipe_schema(kind, to_dict(cfg, str(path)))
     _check_reserved(to_dict(cfg, str(path)), str(path))
+    schema = recipe_schema(kind, to_dict(cfg, str(path)))
     return load_recipe(path, overrides, schema=schema, components=recipe_components), kind, path
 
 
@@ -513,12 +513,12 @@ def _check_reserved(cfg: Any, where: str) -> None:
     if reserved:
         raise RecipeError(f"{where}: module.{reserved[0]} is set by the recipe builder (see the recipe's "
                           "schedule, model, optim and sampling sections)")
-    return check_kwargs(cls, section, where, prefix="module", exclude=_BUILT)
 
 
 def _module_kwargs(cls: Any, section: Mapping[str, Any], where: str) -> Dict[str, Any]:
     section = dict(section)
     _check_reserved({"module": section}, where)
+    return check_kwargs(cls, section, where, prefix="module", exclude=_BUILT)
 
 
 def _optim(cfg: Mapping[str, Any], where: str):
@@ -674,8 +674,8 @@ def build_run(cfg: Any, output_dir: Optional[Union[str, Path]] = None, source: s
     kind = plain.get("kind")
     if kind not in KINDS:
         raise RecipeError(f"{source}: kind {kind!r} is not one of {KINDS}")
-    validate(plain, recipe_schema(kind, plain), source)
     _check_reserved(plain, source)
+    validate(plain, recipe_schema(kind, plain), source)
     out_dir = Path(output_dir or plain.get("output_dir") or f"runs/{kind}")
     pl.seed_everything(int(plain.get("seed", 0)), workers=True, verbose=False)
     build = _build_var if kind == "var" else _build_tokenizer_run
