@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .. import scales as _scales
+from ..errors import UserError
 from ..models.text_encoder import TextFeatures
 from ..sampling import SamplingConfig, generate
-from ..errors import UserError
 from ..self_correction import draw_flip_masks, teacher_forcing_inputs
 from .losses import bit_accuracies, bitwise_cross_entropy, scale_token_weights
 from .optim import OptimConfig, describe_groups, param_groups, trainer_max_steps
