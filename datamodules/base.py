@@ -76,9 +76,9 @@ log = logging.getLogger("infinity_lightning.datamodules")
 TextEncoder = Callable[[List[str]], List[torch.Tensor]]
 
 #: Key of the per-batch skip counts sent from the workers (removed by the loader).
-_SKIPS_KEY = "skips"
+SKIPS_KEY = "skips"
 #: Marker of an item that only carries skip counts (never reaches the training step).
-_MARKER_KEY = "_skips_only"
+SKIPS_ONLY_KEY = "_skips_only"
 
 
 class TooManySkipsError(UserError, RuntimeError):
@@ -338,7 +338,7 @@ class IndexedSource:
         return f"record {index}"
 
 
-class _BatchMaker:
+class BatchMaker:
     """Turns loaded samples into a batch dict (shared by the indexed and streaming datasets)."""
 
     def __init__(self, text_cache: Optional[TextFeatureCache]) -> None:
@@ -365,7 +365,7 @@ def _to_tensor(image: Any, size: Tuple[int, int]) -> torch.Tensor:
     return transform_image(image, size[0], size[1])
 
 
-class _EpochMixin:
+class EpochMixin:
     """Epoch bookkeeping shared by the datasets: set explicitly, or advanced on each new pass."""
 
     epoch: int = 0
@@ -394,7 +394,7 @@ class _EpochMixin:
         return self._rank_world or resolve_rank_world(self.rank, self.world_size)
 
 
-class BucketBatchDataset(_EpochMixin, IterableDataset):
+class BucketBatchDataset(EpochMixin, IterableDataset):
     """Yields batches of one aspect-ratio bucket each from an :class:`IndexedSource`.
 
     See the module docstring for the epoch plan, the rank/worker split and ``drop_last``.
@@ -419,7 +419,7 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
-        self.maker = _BatchMaker(text_cache)
+        self.maker = BatchMaker(text_cache)
         self.require_captions = require_captions
         self.skips = SkipCounter()  # this process's counts (a worker's own copy in workers)
         if image_size is not None:
@@ -526,8 +526,8 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
             if images:
                 item = self.maker.make(images, captions, template)
             else:
-                item = {_MARKER_KEY: True}
-            item[_SKIPS_KEY] = self.skips.take_delta()
+                item = {SKIPS_ONLY_KEY: True}
+            item[SKIPS_KEY] = self.skips.take_delta()
             yield item
 
 
@@ -539,7 +539,7 @@ class BucketBatchDataset(_EpochMixin, IterableDataset):
 class EpochDataLoader(DataLoader):
     """A ``DataLoader(batch_size=None)`` over a batch-yielding dataset.
 
-    Each iteration starts an epoch on the dataset (:meth:`_EpochMixin.begin_epoch`, in the main
+    Each iteration starts an epoch on the dataset (:meth:`EpochMixin.begin_epoch`, in the main
     process so the workers inherit the epoch and rank), strips the skip counts the workers send
     with the batches, adds them to ``counter`` and applies the skip thresholds; at the end of the
     pass it logs a summary.  Workers are never persistent, so each epoch's settings reach them.
@@ -580,12 +580,12 @@ class EpochDataLoader(DataLoader):
                     item = next(inner)
                 except StopIteration:
                     break
-            delta = item.pop(_SKIPS_KEY, None) if isinstance(item, dict) else None
+            delta = item.pop(SKIPS_KEY, None) if isinstance(item, dict) else None
             if delta:
                 self.counter.merge(delta)
                 if delta.get("reasons"):
                     self._check(final=False)
-            if isinstance(item, dict) and item.pop(_MARKER_KEY, False):
+            if isinstance(item, dict) and item.pop(SKIPS_ONLY_KEY, False):
                 continue
             yield item
         summary = self.counter.summary()

@@ -45,10 +45,10 @@ from .base import (
     ImageTextDataModule,
     SkipCounter,
     TextFeatureCache,
-    _BatchMaker,
-    _EpochMixin,
-    _MARKER_KEY,
-    _SKIPS_KEY,
+    BatchMaker,
+    EpochMixin,
+    SKIPS_ONLY_KEY,
+    SKIPS_KEY,
     assign_template,
     bucket_templates,
     split_for,
@@ -142,7 +142,7 @@ def iter_tar_samples(path: str, counter: SkipCounter) -> Iterator[Tuple[str, Dic
         yield key, files
 
 
-class ShardStreamDataset(_EpochMixin, IterableDataset):
+class ShardStreamDataset(EpochMixin, IterableDataset):
     """Streams batches of one aspect-ratio bucket each from tar shards (see the module docstring)."""
 
     def __init__(self, shards: Sequence[str], *, batch_size: int, seed: int = 0, pn: str = "0.06M",
@@ -163,7 +163,7 @@ class ShardStreamDataset(_EpochMixin, IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
-        self.maker = _BatchMaker(text_cache)
+        self.maker = BatchMaker(text_cache)
         self.max_image_pixels = max_image_pixels
         self.short_caption_prob = short_caption_prob
         self.dynamic_length_prompts = dynamic_length_prompts
@@ -271,7 +271,7 @@ class ShardStreamDataset(_EpochMixin, IterableDataset):
                 captions.append(caption)
                 if len(images) == self.batch_size:
                     item = self.maker.make(images, captions, template)
-                    item[_SKIPS_KEY] = self.skips.take_delta()
+                    item[SKIPS_KEY] = self.skips.take_delta()
                     buckets[template] = ([], [])
                     yield item
                     produced += 1
@@ -281,7 +281,7 @@ class ShardStreamDataset(_EpochMixin, IterableDataset):
                 break
             if used_this_pass == 0:
                 # Cycling over shards without a single usable sample would never end.
-                yield {_MARKER_KEY: True, _SKIPS_KEY: self.skips.take_delta()}
+                yield {SKIPS_ONLY_KEY: True, SKIPS_KEY: self.skips.take_delta()}
                 raise RuntimeError(f"webdataset shards {shards} hold no usable samples (skips: {dict(self.skips.reasons)})")
             if self.shuffle:
                 shards = [shards[i] for i in rng.permutation(len(shards))]
@@ -289,11 +289,11 @@ class ShardStreamDataset(_EpochMixin, IterableDataset):
             for template, (images, captions) in buckets.items():
                 if images:
                     item = self.maker.make(images, captions, template)
-                    item[_SKIPS_KEY] = self.skips.take_delta()
+                    item[SKIPS_KEY] = self.skips.take_delta()
                     yield item
         delta = self.skips.take_delta()
         if delta["attempted"] or delta["reasons"]:
-            yield {_MARKER_KEY: True, _SKIPS_KEY: delta}
+            yield {SKIPS_ONLY_KEY: True, SKIPS_KEY: delta}
 
 
 class WebDatasetDataModule(ImageTextDataModule):

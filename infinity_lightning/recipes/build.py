@@ -142,7 +142,8 @@ def recipe_schema(kind: str, cfg: Optional[Mapping[str, Any]] = None) -> Dict[st
     data: Dict[str, Any] = {"name": Literal[tuple(DATAMODULES)]}
     name = ((cfg or {}).get("data") or {}).get("name")
     if name in DATAMODULES:
-        data.update({k: Any for k in accepted_kwargs(DATAMODULES[name]) if k not in _SIZE_KEYS})
+        # the size keys pass here so that the builder can say where the size comes from instead
+        data.update({k: Any for k in accepted_kwargs(DATAMODULES[name])})
     else:
         data["*"] = Any
     callbacks = {name: Switch(_signature_schema(cls)) for name, (cls, _) in CALLBACKS.items()}
