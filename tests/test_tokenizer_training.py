@@ -294,7 +294,7 @@ def test_recipe_callbacks_checkpoint_dir_and_sample_logger(tmp_path):
     # The checkpoint holds the tokenizer under "tokenizer.": load_tokenizer reads it directly.
     loaded = load_tokenizer(tmp_path / "checkpoints" / "last.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.tokenizer.state_dict().values()))
-    with pytest.raises(RecipeError, match="callbacks.NoSuchCallback is not a callback"):
+    with pytest.raises(RecipeError, match=r"unknown key 'callbacks.NoSuchCallback'. Allowed keys in callbacks: checkpoint"):
         build_run(_tokenizer_recipe(callbacks={"NoSuchCallback": {}}), tmp_path)
 
 
