@@ -336,7 +336,7 @@ class FSDP2Strategy(_lightning_model_parallel()):  # type: ignore[misc]
             dcp.load(optim_state, checkpoint_id=str(path))
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+        return torch.load(path / METADATA_FILENAME, map_location="cpu", weights_only=True)
 
     def setup_optimizers(self, trainer) -> None:
         super().setup_optimizers(trainer)

@@ -90,8 +90,10 @@ def test_resize_modes_of_the_command(tmp_path):
     assert prepared("--resize", "template") == (w, h)
     assert prepared("--resize", "template", "--pn", "0.06M") == images.template_size(300, 451, "0.06M")[::-1]
     assert prepared("--resize", "none") == (448, 300)
+    # the command checks the size against the tokenizer before reading any image
+    tok = save_tokenizer(vae, tmp_path / "vae.pth")
     with pytest.raises(SystemExit, match="not a multiple of the tokenizer stride 4"):
-        prepared("--size", "65")
+        cli.main(["reconstruct", "--tokenizer", str(tok), str(photo), "--out", str(tmp_path / "o"), "--size", "65"])
 
 
 def test_two_images_with_the_same_name_and_a_preset(tmp_path):
