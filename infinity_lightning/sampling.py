@@ -1,4 +1,4 @@
-"""KV-cached autoregressive generation over a scale schedule (spec 5.3, 5.4).
+"""KV-cached autoregressive generation over a scale schedule (docs/model.md#sampling).
 
 Per scale k: the blocks run on the scale's tokens with the self-attention KV cache; the head
 gives 2 logits per bit; the logits are multiplied by ``1/tau_k`` and mixed with classifier-free

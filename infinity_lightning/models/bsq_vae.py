@@ -1,4 +1,4 @@
-"""BSQ-VAE image tokenizer (spec section 6): convolutional encoder and decoder around a
+"""BSQ-VAE image tokenizer (docs/model.md#the-tokenizer-bsq-vae): convolutional encoder and decoder around a
 multi-scale Binary Spherical Quantizer.
 
 Data flow for an image batch ``x`` (B, 3, H, W) in [-1, 1] and a stride-``p`` tokenizer::
@@ -16,7 +16,7 @@ Module attribute names reproduce the released state-dict keys exactly (convoluti
 ``.conv``, group norms as ``.norm``, the quantizer registered twice as ``quantizer`` and
 ``quantize``), so the released ``infinity_vae_*.pth`` files load strictly.  Memory layouts are
 chosen on purpose: on CPU, convolutions and interpolations pick different kernels for contiguous
-and channels-last tensors, and the released numbers depend on which one ran (spec 6.4, 6.5).
+and channels-last tensors, and the released numbers depend on which one ran (docs/model.md#numerics).
 
 This module imports torch and the scale schedules only; :class:`TokenizerConfig` describes the architecture.
 """
@@ -43,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """BSQ-VAE architecture (spec 6.1-6.3)."""
+    """BSQ-VAE architecture (docs/model.md#the-tokenizer-bsq-vae)."""
 
     codebook_dim: int = 32
     base_ch: int = 128
@@ -128,7 +128,7 @@ def bits_to_codes(bits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Codes of bit labels ``bits`` (B, T, h, w, d) (int, uint8 or bool) -> (B, d, T, h, w) fp32.
 
     ``codes = normalize_d(bits * s * 2 - s)`` with ``s = 1/sqrt(d)``, evaluated left to right on
-    the integer tensor (spec 6.4).  The normalisation is mathematically a no-op but moves values by
+    the integer tensor (docs/model.md#numerics).  The normalisation is mathematically a no-op but moves values by
     one ulp for some d (24), which the released generation numbers include.  For d-fastest labels
     (what the quantizer and the sampler produce) the result is a permuted (channels-last-3d) view
     of a d-fastest tensor.
@@ -182,7 +182,7 @@ class BSQ(nn.Module):
 
 
 class MultiScaleBSQ(nn.Module):
-    """Multi-scale residual BSQ (spec 6.5).  Its only state is the ``lfq`` quantizer's mask."""
+    """Multi-scale residual BSQ (docs/model.md#multi-scale-residual-quantization).  Its only state is the ``lfq`` quantizer's mask."""
 
     def __init__(self, codebook_dim: int):
         super().__init__()
@@ -233,7 +233,7 @@ class MultiScaleBSQ(nn.Module):
                     aux["normalized"].append(_normalized_view(r_k))
                     aux["quantized"].append(q_k)
                     aux["residual_norm"].append(r_k.norm(dim=1).mean().detach())
-                # q_k stays a channels-last view when upsampled (spec 6.5: a contiguous copy
+                # q_k stays a channels-last view when upsampled (docs/model.md#numerics: a contiguous copy
                 # changes the result by ~2e-7 for d = 24).
                 q_full = q_k if (k == last or size == full) else bilinear_resize(q_k, full)
                 residual = residual - (q_full.detach() if detach_residual else q_full)
@@ -368,7 +368,7 @@ def _num_resamples(config: TokenizerConfig) -> int:
 
 
 class Encoder(nn.Module):
-    """Image (B, in_channels, H, W) -> raw latent (B, codebook_dim, H/p, W/p) (spec 6.2).
+    """Image (B, in_channels, H, W) -> raw latent (B, codebook_dim, H/p, W/p) (docs/model.md#the-tokenizer-bsq-vae).
 
     Level i has ``num_res_blocks`` ResnetBlocks at ``base_ch * ch_mult[i]`` channels followed by
     a :class:`Downsample` for ``i < log2(patch_size)``; then two mid blocks, GN, swish, conv_out.
@@ -407,7 +407,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Codes (B, codebook_dim, h, w) -> image (B, in_channels, p*h, p*w), unclamped (spec 6.3).
+    """Codes (B, codebook_dim, h, w) -> image (B, in_channels, p*h, p*w), unclamped (docs/model.md#the-tokenizer-bsq-vae).
 
     conv_in to ``base_ch * ch_mult[-1]``, two mid blocks, then levels L-1 .. 0 (``up`` is indexed
     by level, executed in reverse) with ``num_res_blocks + 1`` ResnetBlocks each and an

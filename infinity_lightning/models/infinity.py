@@ -41,7 +41,7 @@ Schedule = Sequence[Sequence[int]]
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TransformerConfig:
-    """Infinity transformer architecture and the switches of spec 1.2."""
+    """Infinity transformer architecture and its switches (docs/model.md#the-transformer)."""
 
     depth: int = 32
     embed_dim: int = 2048
@@ -195,10 +195,10 @@ def linear_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> t
 
 
 class CrossAttention(nn.Module):
-    """Attention from queries to packed variable-length text (spec 1.8), or an attentive pool.
+    """Attention from queries to packed variable-length text, or an attentive pool (docs/model.md#text-conditioning).
 
     With ``for_attn_pool`` the query is the learned ``mat_q`` (1, heads, D/heads), one query row
-    per sample (spec 1.3); otherwise queries come from ``mat_q`` (a Linear) on the tokens.
+    per sample; otherwise queries come from ``mat_q`` (a Linear) on the tokens.
     K has no bias (``zero_k_bias`` buffer); V has ``v_bias``.  Softmax scale 1/sqrt(head width).
     """
 
@@ -347,7 +347,7 @@ class FFN(nn.Module):
 
 
 class CrossAttnBlock(nn.Module):
-    """One transformer block (spec 1.5)::
+    """One transformer block (docs/model.md#the-transformer)::
 
         g1, g2, s1, s2, b1, b2 = ada_gss + shared_adaln(cond)
         x = x + DropPath(SA(LN(x) * (1 + s1) + b1) * g1)
@@ -424,7 +424,7 @@ class AdaLNBeforeHead(nn.Module):
 # the model
 # --------------------------------------------------------------------------------------------
 class InfinityTransformer(nn.Module):
-    """The Infinity next-scale bitwise transformer (spec section 1).
+    """The Infinity next-scale bitwise transformer (docs/model.md#the-transformer).
 
     Teacher forcing: ``forward(text, x_wo_prefix, scale_schedule)`` -> logits (B, L, 2*d_tok),
     where ``logits[..., 2*b + c]`` is the logit of bit b taking value c.  Generation goes through
@@ -698,7 +698,7 @@ class InfinityTransformer(nn.Module):
 
 def init_weights(model: InfinityTransformer, tini: float = -1.0, aln: float = 1e-3, alng: float = 5e-6,
                  hd0: float = 0.02, generator: Optional[torch.Generator] = None) -> None:
-    """Training-from-scratch initialisation (spec 1.12).
+    """Training-from-scratch initialisation (docs/model.md#initialisation).
 
     Linear weights and ``lvl_embed`` ~ N(0, tini) (tini < 0 means sqrt(1 / (3C))), biases 0,
     LayerNorm affine 1/0; ``cfg_uncond`` ~ truncN(0, 1.2, +-2) / sqrt(Ct); ``pos_start`` and the

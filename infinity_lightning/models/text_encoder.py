@@ -1,4 +1,4 @@
-"""Frozen text encoder and the packed ("varlen") text-feature layout of Infinity (spec 1.3, 5.2).
+"""Frozen text encoder and the packed ("varlen") text-feature layout of Infinity (docs/model.md#text-conditioning).
 
 A prompt batch is encoded once by a Hugging Face encoder (flan-t5-xl for the released models) and
 only the real rows of each prompt are kept, concatenated along the token axis::
@@ -55,7 +55,7 @@ def _cu_seqlens(lens: Sequence[int], device=None) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class TextFeatures:
-    """Packed text features of a batch of B prompts (spec 1.3).
+    """Packed text features of a batch of B prompts (docs/model.md#text-conditioning).
 
     Attributes:
         kv_compact: (sum(lens), C) float tensor, the real rows of every prompt, concatenated.
@@ -147,7 +147,7 @@ class TextFeatures:
         return TextFeatures.pack(picked)
 
     def concat(self, other: "TextFeatures") -> "TextFeatures":
-        """``[self; other]`` as one 2B-sequence batch (spec 5.3, negative prompts for CFG).
+        """``[self; other]`` as one 2B-sequence batch (negative prompts for guidance, docs/model.md#sampling).
 
         ``kv_compact`` stacks self's rows, then other's; ``cu_seqlens`` is self's followed by
         other's without its leading 0, shifted by self's row count; ``max_seqlen`` the larger.

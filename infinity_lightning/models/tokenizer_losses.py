@@ -1,6 +1,6 @@
 """Losses for training the BSQ-VAE tokenizer (layer 1: torch only).
 
-The Infinity release ships no tokenizer training code (spec 6.6); this file provides the usual
+The Infinity release ships no tokenizer training code (docs/model.md#tokenizer-training); this file provides the usual
 ingredients of a VQGAN-style tokenizer objective, written from their published formulations:
 
 * :class:`PerceptualLoss` -- an LPIPS-style distance (Zhang et al. 2018): frozen VGG16 features at
