@@ -14,6 +14,7 @@ PACKAGES = [
     "infinity_lightning.callbacks",
     "infinity_lightning.datamodules",
     "infinity_lightning.evaluation",
+    "infinity_lightning.recipes",
     "infinity_lightning.recipes_data",
 ]
 
@@ -62,6 +63,7 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel",
+            "import-linter>=2.1",
         ],
     },
     entry_points={"console_scripts": ["infinity-lightning=infinity_lightning.cli:main"]},
