@@ -48,27 +48,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from infinity_lightning.parallel import is_dtensor
+
 __all__ = ["EMA"]
 
 EMA_KEY = "ema_state"
 #: key prefix of the averages inside ``checkpoint["state_dict"]`` for distributed checkpoints
 SHARDED_PREFIX = "__ema__."
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.4 keeps it in the private module
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
 
 
 def _reshard_fsdp(module: nn.Module) -> None:
@@ -174,7 +160,7 @@ class EMA(Callback):
         else:
             # A checkpoint may have been restored before the strategy moved the model to its device.
             for n, p in self._params(pl_module).items():
-                if not _is_dtensor(p) and self._ema[n].device != p.device:
+                if not is_dtensor(p) and self._ema[n].device != p.device:
                     self._ema[n] = self._ema[n].to(p.device)
         if self._pending is not None:
             pending, self._pending = self._pending, None
@@ -313,14 +299,14 @@ class EMA(Callback):
             for n, t in self._backup.items():
                 if prefix + n in model_sd:
                     model_sd[prefix + n] = t
-        sharded = any(_is_dtensor(t) for t in self._ema.values())
+        sharded = any(is_dtensor(t) for t in self._ema.values())
         if sharded and getattr(trainer.strategy, "_save_distributed_checkpoint", False) and isinstance(model_sd, dict):
             for n, t in self._ema.items():
                 model_sd[SHARDED_PREFIX + n] = t
             state["sharded_prefix"] = SHARDED_PREFIX
         elif sharded:
             # full_tensor() is a collective: every rank runs on_save_checkpoint, so all take part.
-            state["weights"] = {n: (t.full_tensor() if _is_dtensor(t) else t).detach().cpu()
+            state["weights"] = {n: (t.full_tensor() if is_dtensor(t) else t).detach().cpu()
                                 for n, t in self._ema.items()}
         else:
             state["weights"] = {n: t.detach().cpu() for n, t in self._ema.items()}
@@ -359,7 +345,7 @@ class EMA(Callback):
             src = weights[n]
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"checkpoint EMA weight {n} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            if _is_dtensor(dst) and not _is_dtensor(src):
+            if is_dtensor(dst) and not is_dtensor(src):
                 from torch.distributed.tensor import distribute_tensor
 
                 src = distribute_tensor(src.to(device=dst.device_mesh.device_type, dtype=dst.dtype),

@@ -139,9 +139,9 @@ class SampleLogger(Callback):
     def _run_on_all_ranks(self, pl_module: LightningModule) -> bool:
         if self.all_ranks is not None:
             return self.all_ranks
-        from .ema import _is_dtensor
+        from infinity_lightning.parallel import is_dtensor
 
-        return any(_is_dtensor(p) for p in pl_module.parameters())
+        return any(is_dtensor(p) for p in pl_module.parameters())
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step

@@ -20,11 +20,11 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 
 from infinity_lightning.dtypes import parse_dtype
-from infinity_lightning.io import CheckpointError, atomic_save, atomic_save_safetensors, check_state_dict, read_weights
+from infinity_lightning.io import (CheckpointError, PathLike, atomic_save, atomic_save_safetensors, check_state_dict,
+                                   read_weights)
 from infinity_lightning.presets import (TOKENIZER_ALIASES, TOKENIZER_PRESETS, TokenizerConfig, config_to_dict,
                                         replace_config, tokenizer_config)
 
-PathLike = Union[str, os.PathLike]
 
 
 # ============================================================================================

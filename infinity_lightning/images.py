@@ -9,7 +9,6 @@ The conventions are those of the original training transform (docs/model.md#data
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
@@ -17,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .io import PathLike
 from infinity_lightning import scales
 
-PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "load_image", "upright", "oriented_size", "to_rgb", "cover_size", "resize_cover_crop", "center_crop", "crop_to_multiple",

@@ -54,6 +54,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .io import PathLike
 from .checkpoints import load_tokenizer, load_transformer, save_tokenizer, save_transformer
 from .dtypes import parse_dtype
 from .errors import UserError
@@ -65,7 +66,6 @@ from .quiet import hf_progress_bars_off, is_small_model
 from .sampling import SamplingConfig
 from .scales import ScaleSchedule
 
-PathLike = Union[str, os.PathLike]
 
 __all__ = ["ComponentMismatchError", "LoadedComponents", "PipelineSettings", "check_components", "check_source",
            "load_components", "save_components", "read_pipeline_config", "write_pipeline_config", "released_variant",

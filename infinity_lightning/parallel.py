@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .io import PathLike
+
 __all__ = [
     "METADATA_FILENAME",
     "is_dtensor",
@@ -59,7 +61,6 @@ __all__ = [
     "export_transformer",
 ]
 
-PathLike = Union[str, os.PathLike]
 
 ACTIVATION_CHECKPOINTING = (None, "none", "full-block", "self-attn")
 MIXED_PRECISION = ("bf16", "fp32", None)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -50,6 +49,7 @@ import torch.nn as nn
 
 from . import editing
 from .dtypes import parse_dtype
+from .io import PathLike
 from .loading import check_components, load_components, released_variant, save_components
 from .models.text_encoder import PromptTruncatedWarning, TextFeatures
 from .outputs import OUTPUT_TYPES, check_output_type, to_output
@@ -59,7 +59,6 @@ from .presets import RELEASED_VARIANTS, released_sampling
 from .sampling import SamplingConfig, generate
 from .scales import ScaleSchedule, resolve
 
-PathLike = Union[str, os.PathLike]
 Prompts = Union[None, str, Sequence[str]]
 
 __all__ = ["InfinityPipeline", "InfinityPipelineOutput", "OUTPUT_TYPES"]

@@ -23,9 +23,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from .io import PathLike
 from . import lora as _lora
 
-PathLike = Union[str, os.PathLike]
 #: what ``from_pretrained(lora=...)`` takes: a folder, a list of folders, or ``{name: folder}``
 LoraSources = Union[None, PathLike, Sequence[PathLike], Mapping[str, PathLike]]
 

@@ -15,16 +15,15 @@ Example::
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from .checkpoints import load_tokenizer, load_transformer, save_tokenizer, save_transformer
+from .io import PathLike
 from .quiet import hf_progress_bars_off
 
-PathLike = Union[str, os.PathLike]
 
 __all__ = ["make_tiny_t5", "make_tiny_pipeline", "build_sentencepiece_vocab", "DEFAULT_TINY_TEXTS"]
 

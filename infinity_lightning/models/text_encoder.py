@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -30,9 +29,10 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..io import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "TextFeatures",
