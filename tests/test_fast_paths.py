@@ -65,6 +65,75 @@ def test_block_causal_attention_equals_masked_sdpa():
     assert max_err(layout.attend(q, k, v), ref) < 1e-12
 
 
+@pytest.mark.parametrize("chunk,save", [(1 << 24, 1 << 25), (2 * 3 * 40, 1 << 25), (2 * 3 * 40, 0)])
+def test_gemm_block_causal_attention_equals_masked_sdpa_with_gradients(monkeypatch, chunk, save):
+    """The "gemm" kernel, whole groups or cut into query chunks, probabilities kept or recomputed
+    in backward: forward and all three gradients equal masked SDPA's (float64)."""
+    monkeypatch.setattr(fast_attention, "GEMM_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(fast_attention, "GEMM_SAVE_ELEMENTS", save)
+    torch.manual_seed(0)
+    layout = fast_attention.block_causal_layout(SCHEDULE, backend="gemm")
+    if chunk < 1 << 24:
+        assert len(fast_attention._gemm_chunks(layout, 6, torch.device("cpu"))) > len(layout.groups)
+    mask = numerics.block_causal_mask(SCHEDULE, 121)
+    q, k, v = (torch.randn(2, 3, 121, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, 121, 16, dtype=torch.float64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    out = layout.attend(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert max_err(out, ref) < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert max_err(a, b) < 1e-12
+    with torch.no_grad():                      # the inference path (no autograd function)
+        assert max_err(layout.attend(q, k, v), ref) < 1e-12
+
+
+def test_gemm_attention_in_bf16_tracks_fp32_like_sdpa():
+    """bf16 inputs: scores and softmax in fp32, p v in bf16; as close to the fp32 result as
+    SDPA's own bf16 kernel, in forward and backward."""
+    torch.manual_seed(1)
+    layout = fast_attention.block_causal_layout(SCHEDULE, backend="gemm")
+    mask = numerics.block_causal_mask(SCHEDULE, 121)
+    q, k, v = (torch.randn(2, 3, 121, 16) for _ in range(3))
+    q = torch.nn.functional.normalize(q, dim=-1) * 8     # cosine attention with temperature 8
+    k = torch.nn.functional.normalize(k, dim=-1)
+    grad = torch.randn(2, 3, 121, 16)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out.float()] + [g.float() for g in torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+    sdpa = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=1.0)  # noqa: E731
+    ref = run(sdpa, torch.float32)
+    for got, sdpa_bf16 in zip(run(layout.attend, torch.bfloat16), run(sdpa, torch.bfloat16)):
+        assert got.dtype == torch.float32
+    errors = [max_err(a, r) for a, r in zip(run(layout.attend, torch.bfloat16), ref)]
+    sdpa_errors = [max_err(a, r) for a, r in zip(run(sdpa, torch.bfloat16), ref)]
+    for e, e_sdpa, r in zip(errors, sdpa_errors, ref):
+        assert e < 2 * e_sdpa + 1e-3 * r.abs().max()
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "gemm"])
+def test_fast_path_kernels_match_exact(kernel):
+    model = _small(seed=9).train()
+    model.set_attention_backend("fast", kernel=kernel)
+    assert model.self_attention_kernel == kernel
+    text = tiny_text(2, model.config.text_channels, lens=[5, 9])
+    x = torch.randn(2, scales.as_schedule(SCHEDULE).num_tokens - 1, model.config.bits_per_token)
+    exact, g_exact = _run(model, "exact", text, x, SCHEDULE)
+    fast, g_fast = _run(model, "fast", text, x, SCHEDULE)
+    assert model.self_attention_kernel == kernel      # set_attention_backend keeps the kernel
+    assert max_err(fast, exact) < 2e-3
+    assert max_err(g_fast, g_exact) < 1e-4 * g_exact.abs().max()
+    with pytest.raises(ValueError, match="kernel"):
+        model.set_attention_backend("fast", kernel="cuda-graphs")
+    model.set_attention_backend("exact", kernel="auto")
+    assert fast_attention.resolve_kernel("auto", torch.device("cpu")) == "gemm"
+    assert fast_attention.resolve_kernel("auto", torch.device("meta")) == "sdpa"
+
+
 def test_rope_and_normalisation_keep_the_exact_roundings():
     torch.manual_seed(0)
     qk = torch.randn(2, 121, 2, 4, 16)

@@ -15,7 +15,15 @@ bit for bit.  It is selected with :meth:`InfinityTransformer.set_fast_path` /
   mask at all (plain SDPA on a prefix), a group of several small scales gets a small block-causal
   mask.  The skipped work is the upper triangle of the scale-block matrix; for the 0.06M schedule
   (L = 521, padded to 640 on the exact path) it computes 186,177 attention scores per head
-  instead of 640^2 = 409,600 (181,689 are visible).  ``backend="flex"`` uses FlexAttention (imported lazily, compiled) instead.
+  instead of 640^2 = 409,600 (181,689 are visible).  Two kernels compute a group:
+  ``"sdpa"`` (one ``scaled_dot_product_attention`` call per group; on CPU its flash kernel runs
+  these short, 96-wide heads well below the matmul peak) and ``"gemm"`` (:func:`gemm_attention`
+  and :class:`BlockCausalGemmAttention`: the scores of a group as one batched matrix product,
+  the mask applied only in the groups that need one, softmax in fp32, backward by matrix
+  products too; long groups are cut into query chunks and recomputed in backward from the
+  log-sum-exp, as flash attention does).  ``"auto"`` picks ``"gemm"`` on CPU and ``"sdpa"``
+  elsewhere (:func:`resolve_kernel`).  ``backend="flex"`` uses FlexAttention (imported lazily,
+  compiled) instead.
 * **Cross-attention as one padded, key-masked SDPA call** (:func:`padded_cross_attention`)
   instead of a Python loop over samples.  With ``round_bf16`` (the default) q, k, v and the
   output are rounded to bf16 around an fp32 attention, as on the exact path; without it the
@@ -44,6 +52,26 @@ from ..scales import as_schedule
 #: Consecutive scales are merged into one query group until the group holds this many tokens.
 #: Small scales are cheap to compute densely but expensive to launch one by one.
 DEFAULT_GROUP_TOKENS = 96
+#: Self-attention kernels of the fast path (see the module docstring).
+KERNELS = ("auto", "sdpa", "gemm")
+#: "gemm" kernel: a query chunk's score matrix (batch x heads x rows x keys) holds at most this
+#: many elements (64 MB in fp32); longer groups are cut into chunks of query rows.
+GEMM_CHUNK_ELEMENTS = 1 << 24
+#: "gemm" kernel in training: the probabilities of all groups are kept for backward while they
+#: hold at most this many elements in total; beyond, backward recomputes them from q, k and the
+#: saved log-sum-exp (one more matrix product per chunk, memory like flash attention).
+GEMM_SAVE_ELEMENTS = 1 << 25
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``"sdpa"`` or ``"gemm"`` for ``kernel`` in :data:`KERNELS` on ``device`` ("auto": "gemm" on
+    CPU, where SDPA's flash kernel is slow on short sequences; "sdpa" on GPUs, whose fused kernels
+    never write the scores to memory)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"self-attention kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "auto":
+        return "gemm" if torch.device(device).type == "cpu" else "sdpa"
+    return kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +84,8 @@ class BlockCausalLayout:
     ``groups``: (q_start, q_end) token ranges of consecutive scales; group g's queries attend to
     keys ``[0, q_end)``.  ``masks``: per group None (a single scale: every key of the prefix is
     visible) or a bool (q_end - q_start, q_end) mask, True = visible.  ``backend``: "chunked"
-    (one SDPA call per group) or "flex" (one FlexAttention call with a block mask).
+    (one SDPA call per group), "gemm" (batched matrix products per group,
+    :class:`BlockCausalGemmAttention`) or "flex" (one FlexAttention call with a block mask).
     """
 
     length: int
@@ -72,6 +101,8 @@ class BlockCausalLayout:
         """
         if self.backend == "flex":
             return flex_block_causal_attention(q, k, v, self.scale_ids)
+        if self.backend == "gemm":
+            return block_causal_gemm_attention(q, k, v, self)
         outs = []
         for (qs, qe), mask in zip(self.groups, self.masks):
             if mask is not None and mask.device != q.device:
@@ -108,9 +139,122 @@ def _layout_cached(sizes: Tuple[int, ...], group_tokens: int, backend: str) -> B
 def block_causal_layout(schedule: Sequence[Sequence[int]], group_tokens: int = DEFAULT_GROUP_TOKENS,
                         backend: str = "chunked") -> BlockCausalLayout:
     """The (cached) :class:`BlockCausalLayout` of a scale schedule [(1, h, w), ...]."""
-    if backend not in ("chunked", "flex"):
-        raise ValueError(f"block-causal backend {backend!r}; expected 'chunked' or 'flex'")
+    if backend not in ("chunked", "gemm", "flex"):
+        raise ValueError(f"block-causal backend {backend!r}; expected 'chunked', 'gemm' or 'flex'")
     return _layout_cached(as_schedule(schedule).sizes, int(group_tokens), backend)
+
+
+# --------------------------------------------------------------------------------------------
+# attention by batched matrix products ("gemm" kernel)
+# --------------------------------------------------------------------------------------------
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32, fp64 for fp64: scores, softmax and gradient sums never below fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 scores q k^T (B, H, lq, lk) with masked pairs at -inf.  Low-precision q, k are
+    multiplied in fp32 (the products of bf16 values are exact in fp32, as in SDPA's kernels,
+    which accumulate the scores in fp32; a bf16 product would round the scores themselves)."""
+    acc = _accumulation_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    return s
+
+
+def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                   scale: float = 1.0) -> torch.Tensor:
+    """softmax(scale q k^T) v by batched matrix products (inference; autograd through the ops).
+
+    q (B, H, lq, hd), k and v (B, H, lk, hd), ``mask`` None or bool broadcastable to
+    (B, H, lq, lk), True = visible.  Scores and softmax in fp32, ``p v`` in v's dtype.
+    """
+    s = _scores(q if scale == 1.0 else q * scale, k, mask)
+    return torch.matmul(s.softmax(dim=-1).to(v.dtype), v)
+
+
+def _gemm_chunks(layout: "BlockCausalLayout", batch_heads: int, device: torch.device):
+    """(q_start, q_end, key_end, mask slice or None) per query chunk of the layout's groups."""
+    chunks = []
+    for (qs, qe), mask in zip(layout.groups, layout.masks):
+        if mask is not None and mask.device != device:
+            mask = mask.to(device)
+        rows = max(1, GEMM_CHUNK_ELEMENTS // max(1, batch_heads * qe))
+        for r0 in range(qs, qe, rows):
+            r1 = min(qe, r0 + rows)
+            chunks.append((r0, r1, qe, None if mask is None else mask[r0 - qs:r1 - qs]))
+    return chunks
+
+
+class BlockCausalGemmAttention(torch.autograd.Function):
+    """Block-causal attention of a :class:`BlockCausalLayout` by batched matrix products, with a
+    hand-written backward that is matrix products too.
+
+    Per query chunk (rows r0:r1 of a group ending at key ``e``): ``S = q k[:e]^T`` (fp32),
+    ``P = softmax(S)`` (fp32), ``out = P v[:e]`` (v's dtype).  Backward: ``dP = dout v^T``
+    (fp32), ``dS = P (dP - rowsum(dout * out))``, ``dq = dS k``, ``dk += dS^T q``,
+    ``dv += P^T dout`` (dk, dv accumulated in fp32 over the groups that share keys).  P is kept
+    for backward while all chunks hold at most :data:`GEMM_SAVE_ELEMENTS` probabilities, else
+    recomputed from the saved log-sum-exp.  q, k, v (B, H, L, hd) of one dtype -> (B, H, L, hd).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "BlockCausalLayout") -> torch.Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H = q.shape[:2]
+        chunks = _gemm_chunks(layout, B * H, q.device)
+        keep = sum(B * H * (r1 - r0) * e for r0, r1, e, _ in chunks) <= GEMM_SAVE_ELEMENTS
+        outs, probs, lses = [], [], []
+        for r0, r1, e, mask in chunks:
+            s = _scores(q[:, :, r0:r1], k[:, :, :e], mask)
+            if keep:
+                p = s.softmax(dim=-1)
+                probs.append(p)
+            else:
+                lse = torch.logsumexp(s, dim=-1, keepdim=True)
+                p = s.sub_(lse).exp_()
+                lses.append(lse)
+            outs.append(torch.matmul(p.to(v.dtype), v[:, :, :e]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        ctx.layout, ctx.keep = layout, keep
+        ctx.save_for_backward(q, k, v, out, *(probs if keep else lses))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, *saved = ctx.saved_tensors
+        dout = dout.contiguous()
+        B, H = q.shape[:2]
+        chunks = _gemm_chunks(ctx.layout, B * H, q.device)
+        acc = _accumulation_dtype(q.dtype)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)               # (B, H, L, 1)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for i, (r0, r1, e, mask) in enumerate(chunks):
+            if ctx.keep:
+                p = saved[i]
+            else:
+                p = _scores(q[:, :, r0:r1], k[:, :, :e], mask).sub_(saved[i]).exp_()
+            g = dout[:, :, r0:r1]
+            dp = torch.matmul(g.to(acc), v[:, :, :e].to(acc).transpose(-1, -2))
+            ds = dp.sub_(delta[:, :, r0:r1]).mul_(p).to(q.dtype)
+            dq[:, :, r0:r1] = torch.matmul(ds, k[:, :, :e])
+            dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), q[:, :, r0:r1])
+            dv[:, :, :e] += torch.matmul(p.to(v.dtype).transpose(-1, -2), g)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def block_causal_gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                layout: "BlockCausalLayout") -> torch.Tensor:
+    """:class:`BlockCausalGemmAttention` (training) or its forward alone (inference)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return BlockCausalGemmAttention.apply(q, k, v, layout)
+    outs = []
+    for r0, r1, e, mask in _gemm_chunks(layout, q.shape[0] * q.shape[1], q.device):
+        outs.append(gemm_attention(q[:, :, r0:r1], k[:, :, :e], v[:, :, :e], mask))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 _FLEX: dict = {}

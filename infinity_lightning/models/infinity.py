@@ -284,6 +284,8 @@ class SelfAttention(nn.Module):
         self.kv_cache: Optional[Any] = None
         #: fast path (set by InfinityTransformer.set_attention_backend)
         self.fast_path = False
+        #: fast path: "auto", "sdpa" or "gemm" (fast_attention.KERNELS) for cached and dense calls
+        self.kernel = "auto"
 
     def forward(self, x: torch.Tensor, attn_mask: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C).  ``attn_mask``: None (KV-cached scale: everything cached is
@@ -330,6 +332,8 @@ class SelfAttention(nn.Module):
         k, v = self._cached(k, v)
         if isinstance(attn, fast_attention.BlockCausalLayout):
             out = attn.attend(q, k, v)
+        elif fast_attention.resolve_kernel(self.kernel, x.device) == "gemm":
+            out = fast_attention.gemm_attention(q, k, v, attn)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
@@ -461,6 +465,8 @@ class InfinityTransformer(nn.Module):
         self.checkpoint_every = 1
         #: "exact" (the original's rounding), "fast" or "flex"; see set_attention_backend
         self.attention_backend = "exact"
+        #: the fast path's self-attention kernel ("auto", "sdpa", "gemm"); see set_attention_backend
+        self.self_attention_kernel = "auto"
 
     @classmethod
     def from_pretrained(cls, path_or_preset: Any, **kwargs: Any) -> "InfinityTransformer":
@@ -503,7 +509,8 @@ class InfinityTransformer(nn.Module):
         for block in self.block_list():
             block.checkpoint_self_attn = self.activation_checkpointing == "self-attn"
 
-    def set_attention_backend(self, backend: str = "exact", *, cross_attention_bf16: bool = True) -> None:
+    def set_attention_backend(self, backend: str = "exact", *, cross_attention_bf16: bool = True,
+                              kernel: Optional[str] = None) -> None:
         """Choose how attention and the elementwise work around it are computed.
 
         ``"exact"`` (default): the original's rounding (padding to a multiple of 128, dense
@@ -517,15 +524,22 @@ class InfinityTransformer(nn.Module):
         forward compiled for ~100 s and ran no faster than "fast", see benchmarks/README.md).
         ``cross_attention_bf16`` (fast/flex): keep the bf16 rounding of the cross-attention and
         the text pool (default; the released models' numerics) or compute them in fp32.
-        The switch is not part of the state dict.
+        ``kernel`` (fast): how the self-attention is computed, ``"auto"`` (the default: ``"gemm"``
+        on CPU, ``"sdpa"`` elsewhere), ``"sdpa"`` (SDPA per group of scales) or ``"gemm"``
+        (batched matrix products per group, fp32 softmax; :mod:`.fast_attention`); None keeps
+        the current choice.  The switch is not part of the state dict.
         """
         if backend not in ("exact", "fast", "flex"):
             raise ValueError(f"attention backend {backend!r}; expected 'exact', 'fast' or 'flex'")
+        if kernel is not None:
+            fast_attention.resolve_kernel(kernel, torch.device("cpu"))  # validates the name
+            self.self_attention_kernel = kernel
         self.attention_backend = backend
         fast = backend != "exact"
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.fast_path = fast
+                module.kernel = self.self_attention_kernel
             elif isinstance(module, CrossAttention):
                 module.round_bf16 = bool(cross_attention_bf16)
 
@@ -619,8 +633,12 @@ class InfinityTransformer(nn.Module):
         if self.fast_path:  # no padding; the layout skips the masked blocks
             Lp = L
             x = x + self.lvl_embed(levels).unsqueeze(0)
-            mask = fast_attention.block_causal_layout(
-                scale_schedule, backend="flex" if self.attention_backend == "flex" else "chunked")
+            if self.attention_backend == "flex":
+                backend = "flex"
+            else:
+                kernel = fast_attention.resolve_kernel(self.self_attention_kernel, device)
+                backend = "gemm" if kernel == "gemm" else "chunked"
+            mask = fast_attention.block_causal_layout(scale_schedule, backend=backend)
         else:
             Lp = numerics.padded_length(L, self.config.pad_to_multiplier)
             x = torch.cat([x + self.lvl_embed(levels).unsqueeze(0), x.new_zeros(B, Lp - L, x.shape[-1])], dim=1)
