@@ -36,7 +36,7 @@ import functools
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from .io import PathLike
 
 __all__ = [
     "METADATA_FILENAME",
+    "export_trained",
     "is_dtensor",
     "ACTIVATION_CHECKPOINTING",
     "MIXED_PRECISION",
@@ -496,3 +497,46 @@ def export_transformer(checkpoint: PathLike, out: PathLike, *, format: Optional[
             torch.save({"state_dict": sd}, source)
         model = load_transformer(source, **config)
         return save_transformer(model, out, format=format, dtype=dtype)
+
+
+def export_trained(transformer: nn.Module, out_dir: PathLike) -> List[Path]:
+    """Write a trained transformer for inference into ``out_dir``; returns the paths written.
+
+    With LoRA adapters: the trained adapter as ``<out_dir>/lora/`` in PEFT format
+    (``adapter_config.json`` + ``adapter_model.safetensors``, what ``pipe.load_lora`` and
+    ``InfinityPipeline.from_pretrained(..., lora=...)`` read; several trained adapters go to
+    ``<out_dir>/lora/<name>/``).  Otherwise the whole transformer as
+    ``<out_dir>/transformer.safetensors`` (+ ``transformer.json``).  These are the training
+    weights; EMA averages export with :func:`export_transformer`.  Under torch.distributed every
+    rank must call it (FSDP2 shards are gathered); rank 0 writes, the other ranks return [].
+    """
+    from .lora import lora_adapters, lora_configs, save_lora
+
+    out = Path(out_dir)
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+    if lora_configs(transformer):
+        adapters = lora_adapters(transformer)
+        names = [n for n, a in adapters.items() if a["trainable"]] or list(adapters)
+        paths = [save_lora(transformer, out / "lora" if len(names) == 1 else out / "lora" / n, n) for n in names]
+        return paths if rank0 else []
+    return _export_full(transformer, out / "transformer.safetensors", rank0)
+
+
+def _export_full(transformer: nn.Module, path: Path, rank0: bool) -> List[Path]:
+    """Save ``transformer`` as safetensors; FSDP2 shards are gathered to rank 0 first (a collective)."""
+    from .checkpoints import save_transformer
+
+    if not any(hasattr(p, "full_tensor") for p in transformer.parameters()):
+        return [save_transformer(transformer, path, format="safetensors")] if rank0 else []
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .models.infinity import InfinityTransformer
+
+    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rank0:
+        return []
+    with torch.device("meta"):
+        plain = InfinityTransformer(transformer.config)
+    plain.load_state_dict(full, strict=True, assign=True)
+    return [save_transformer(plain, path, format="safetensors")]

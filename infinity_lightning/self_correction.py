@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.bsq_vae import area_resize, bilinear_resize, bits_to_codes, bsq_quantize
+from .scales import as_schedule
 
 
 @dataclass
@@ -46,8 +47,7 @@ class SelfCorrectionOutput:
     flipped_labels: List[torch.Tensor]
 
     def labels_per_scale(self, schedule: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-        sizes = [int(h) * int(w) for _, h, w in schedule]
-        return list(self.labels.split(sizes, dim=1))
+        return list(self.labels.split(list(as_schedule(schedule).sizes), dim=1))
 
 
 def _to_tokens(x_vae: torch.Tensor, patchify: bool) -> torch.Tensor:

@@ -66,25 +66,6 @@ def derive_seed(*parts: int) -> int:
                .dot(np.array([1, 2 ** 32], dtype=np.uint64)) & np.uint64(2 ** 63 - 1))
 
 
-def _export_transformer(transformer: nn.Module, path: Path, rank0: bool) -> List[Path]:
-    """Save ``transformer`` as safetensors; FSDP2 shards are gathered to rank 0 first (a collective)."""
-    from ..checkpoints import save_transformer
-
-    if not any(hasattr(p, "full_tensor") for p in transformer.parameters()):
-        return [save_transformer(transformer, path, format="safetensors")] if rank0 else []
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from ..models.infinity import InfinityTransformer
-
-    full = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rank0:
-        return []
-    with torch.device("meta"):
-        plain = InfinityTransformer(transformer.config)
-    plain.load_state_dict(full, strict=True, assign=True)
-    return [save_transformer(plain, path, format="safetensors")]
-
-
 def _as_template(value: Any, fallback_hw: Tuple[int, int]) -> float:
     if value is None:
         return _scales.nearest_template(fallback_hw[0] / fallback_hw[1])
@@ -466,29 +447,11 @@ class BitwiseVARModule(pl.LightningModule):
 
     # -- export ------------------------------------------------------------------------------
     def export(self, out_dir: Union[str, os.PathLike]) -> List[Path]:
-        """Write the trained transformer for inference into ``out_dir``; returns the paths written.
+        """Write the trained weights for inference into ``out_dir`` (the LoRA adapter as
+        ``lora/``, else ``transformer.safetensors``); see :func:`infinity_lightning.parallel.export_trained`."""
+        from ..parallel import export_trained
 
-        With LoRA adapters: the trained adapter as ``<out_dir>/lora/`` in PEFT format
-        (``adapter_config.json`` + ``adapter_model.safetensors``, what ``pipe.load_lora`` and
-        ``InfinityPipeline.from_pretrained(..., lora=...)`` read; several trained adapters go to
-        ``<out_dir>/lora/<name>/``).  Otherwise the whole transformer as
-        ``<out_dir>/transformer.safetensors`` (+ ``transformer.json``).  These are the training
-        weights; EMA averages export with :func:`infinity_lightning.parallel.export_transformer`.
-        Under torch.distributed every rank must call it (FSDP2 shards are gathered); rank 0
-        writes, the other ranks return an empty list.
-        """
-        from ..lora import lora_adapters, lora_configs, save_lora
-
-        out = Path(out_dir)
-        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_rank() == 0
-        if lora_configs(self.transformer):
-            adapters = lora_adapters(self.transformer)
-            names = [n for n, a in adapters.items() if a["trainable"]] or list(adapters)
-            paths = [save_lora(self.transformer, out / "lora" if len(names) == 1 else out / "lora" / n, n)
-                     for n in names]
-            return paths if rank0 else []
-        return _export_transformer(self.transformer, out / "transformer.safetensors", rank0)
+        return export_trained(self.transformer, out_dir)
 
     # -- sample images -----------------------------------------------------------------------
     @torch.no_grad()
