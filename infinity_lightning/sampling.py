@@ -21,7 +21,11 @@ original's numbers): ``fast`` (the transformer's fast attention backend and a pr
 cache), ``dtype=torch.bfloat16`` (blocks under bf16 autocast, as the released inference scripts
 run them; the head and the text path stay fp32), ``skip_uncond`` (drop the unconditional half
 once every remaining scale has cfg 1), ``decode_dtype`` / ``decode_channels_last`` (the
-tokenizer decoder in bf16 / channels-last), ``compile`` (``torch.compile`` of the blocks).
+tokenizer decoder in bf16 / channels-last), ``compile`` (``torch.compile`` of the blocks),
+``quantize="int8"`` (CPU: the blocks' linears dynamically quantised to int8; not bit-identical,
+its bit agreement and speed are in benchmarks/README.md).  ``cfg_schedule="unguided_last:N"``
+runs the last N scales without guidance; with ``skip_uncond`` their unconditional half is not
+computed at all.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 
 from . import scales
 from .dtypes import parse_dtype
-from .models import numerics
+from .models import fast_attention, numerics
 from .models.bsq_vae import bilinear_resize, bits_to_codes
 from .models.infinity import InfinityTransformer, unpack_text
 
@@ -53,6 +57,14 @@ def _option(default: Any, help: str, cli: Optional[type] = None, **kw: Any) -> A
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
+
+
+def _unguided_last(schedule: Any) -> Optional[int]:
+    """N of a ``cfg_schedule`` string ``'unguided_last:N'`` (N >= 0), else None."""
+    if not isinstance(schedule, str) or not schedule.startswith("unguided_last:"):
+        return None
+    value = schedule.split(":", 1)[1]
+    return int(value) if value.isdigit() else None
 
 
 def _per_scale(value: Any, K: int, name: str) -> List[float]:
@@ -86,7 +98,10 @@ class SamplingConfig:
     decode_channels_last: bool = _option(False, "decoder in channels-last layout (fast path)")
     compile: bool = _option(False, "torch.compile each block for this call")
     cfg_schedule: Any = _option("constant", "guidance over the scales: 'constant', 'linear' (from none at the first "
-                                "scale to full cfg at the last), or a function (k, K) -> weight in [0, 1]", str)
+                                "scale to full cfg at the last), 'unguided_last:N' (cfg 1 on the last N scales), "
+                                "or a function (k, K) -> weight in [0, 1]", str)
+    quantize: Optional[str] = _option(None, "int8: the blocks' linear layers dynamically quantised to int8 for this "
+                                      "call (CPU, fp32 blocks; not bit-identical to fp32)", str)
 
     def __post_init__(self) -> None:
         for name in ("cfg", "tau"):
@@ -112,9 +127,15 @@ class SamplingConfig:
         if int(self.cfg_insertion_layer) > 0:
             raise ValueError("cfg_insertion_layer must be 0 (guidance on logits) or negative (on hidden states), "
                              f"got {self.cfg_insertion_layer!r}")
-        if not callable(self.cfg_schedule) and self.cfg_schedule not in ("constant", "linear"):
+        if not callable(self.cfg_schedule) and self.cfg_schedule not in ("constant", "linear") \
+                and _unguided_last(self.cfg_schedule) is None:
             raise ValueError(f"cfg_schedule must be 'constant', 'linear' or a function (k, K) -> weight, "
-                             f"got {self.cfg_schedule!r}")
+                             f"or 'unguided_last:N' (N >= 0), got {self.cfg_schedule!r}")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.quantize is not None and self.dtype not in (None, torch.float32):
+            raise ValueError(f"quantize={self.quantize!r} runs fp32 blocks with int8 linears; it cannot be combined "
+                             f"with dtype={self.dtype}")
 
     def replace(self, **changes: Any) -> "SamplingConfig":
         """A copy with ``changes`` applied (``None`` values are ignored); unknown names are an error."""
@@ -157,6 +178,9 @@ class SamplingConfig:
             schedule = lambda k, n: k / max(n - 1, 1)  # noqa: E731
         elif schedule == "constant":
             schedule = lambda k, n: 1.0  # noqa: E731
+        elif not callable(schedule):
+            last = _unguided_last(schedule)
+            schedule = lambda k, n: float(k < n - last)  # noqa: E731
         cfgs = [1.0 + (c - 1.0) * float(schedule(k, K)) for k, c in enumerate(_per_scale(self.cfg, K, "cfg"))]
         return {"cfg": cfgs, "tau": _per_scale(self.tau, K, "tau")}
 
@@ -293,7 +317,9 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
     cache no later scale reads; dropping it earlier would be wrong, since a later guided scale
     needs the unconditional keys of every earlier scale; the sampled bits are unchanged);
     ``decode_dtype`` / ``decode_channels_last`` decode with a bf16 / channels-last copy of the
-    decoder; ``compile`` compiles each block for this call.
+    decoder; ``compile`` compiles each block for this call; ``quantize="int8"`` (CPU, fp32)
+    runs int8 copies of the blocks' linears (:func:`fast_attention.int8_blocks`, built once and
+    kept while the weights do not change).
     """
     config = (config or SamplingConfig()).replace(**options)
     device = next(model.parameters()).device
@@ -306,11 +332,37 @@ def generate(model: InfinityTransformer, text: Any, scale_schedule: Sequence[Seq
     if config.fast is not None and bool(config.fast) != model.fast_path:
         model.set_attention_backend("fast" if config.fast else "exact")
     try:
-        return _generate(model, text, schedule, config, tokenizer=tokenizer, negative_text=negative_text,
-                         generator=generator, hooks=hooks, num_scales=num_scales, return_logits=return_logits)
+        if config.quantize == "int8" and torch.is_autocast_enabled(device.type):
+            raise ValueError("quantize='int8' runs fp32 blocks with int8 linears; it cannot run under autocast "
+                             "(a pipeline with dtype bf16)")
+        blocks = fast_attention.int8_blocks(model) if config.quantize == "int8" else None
+        with _blocks_replaced(model, blocks):
+            return _generate(model, text, schedule, config, tokenizer=tokenizer, negative_text=negative_text,
+                             generator=generator, hooks=hooks, num_scales=num_scales, return_logits=return_logits)
     finally:
         if model.attention_backend != previous_backend:
             model.set_attention_backend(previous_backend)
+
+
+@contextlib.contextmanager
+def _blocks_replaced(model: InfinityTransformer, blocks: Optional[Sequence[torch.nn.Module]]):
+    """Run with ``blocks`` (same count and order as ``model.block_list()``) in the model's block
+    containers, restoring the originals afterwards; None changes nothing."""
+    if blocks is None:
+        yield
+        return
+    containers = [chunk.module for chunk in model.block_chunks] if hasattr(model, "block_chunks") else [model.blocks]
+    originals = [list(c) for c in containers]
+    replacement = iter(blocks)
+    try:
+        for c in containers:
+            for j in range(len(c)):
+                c[j] = next(replacement)
+        yield
+    finally:
+        for c, saved in zip(containers, originals):
+            for j, block in enumerate(saved):
+                c[j] = block
 
 
 def _text_condition(model: InfinityTransformer, text: Any, negative_text: Any, guided: bool):

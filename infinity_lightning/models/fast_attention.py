@@ -35,16 +35,23 @@ bit for bit.  It is selected with :meth:`InfinityTransformer.set_fast_path` /
   exact path's separate multiply and add: fusing them into ``addcmul`` (an FMA, one rounding
   fewer) moved the parity fixture's logits 40x more (1.3e-3 instead of 3e-5) for about 1% of a
   training step.
+* **int8 linears for generation on CPU** (:func:`int8_blocks`): copies of the blocks whose
+  linear layers are dynamically quantised to int8 (weights per output channel, activations per
+  call), for KV-cached sampling; not equal to fp32 within rounding, the sampler's quality
+  measurement is in benchmarks/README.md.
 
 Shapes: B batch, H heads, L tokens, hd head width, N packed text rows, T padded text length.
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..scales import as_schedule
@@ -423,3 +430,48 @@ class KVBuffer:
         """Keep the first ``n`` sequences of the batch (views, no copy)."""
         if self.k is not None:
             self.k, self.v = self.k[:n], self.v[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# int8 linears (generation on CPU)
+# --------------------------------------------------------------------------------------------
+#: Attributes of the attention modules that the int8 copies take over from the originals at
+#: every use (the backend switches are not state and may change between calls).
+_SWITCHES = ("fast_path", "kernel", "round_bf16")
+
+
+def int8_blocks(model: nn.Module) -> List[nn.Module]:
+    """Copies of ``model.block_list()`` whose ``nn.Linear`` layers are dynamically quantised to
+    int8 (``torch.ao.quantization.quantize_dynamic``: int8 weights per output channel, uint8
+    activations quantised per call, int32 accumulation, fp32 output; fbgemm / oneDNN kernels).
+
+    CPU inference only.  The copies are built on first use and rebuilt whenever a parameter of
+    the blocks changes (in-place updates included); the attention switches (fast path, kernel,
+    cross-attention rounding) are copied from the originals on every call.  Everything outside
+    the linears (norms, attention, the residual stream) stays fp32.
+    """
+    blocks = model.block_list()
+    stamp = tuple((p.data_ptr(), p._version, p.device) for b in blocks for p in b.parameters())
+    cached = model.__dict__.get("_int8_blocks")
+    if cached is None or cached[0] != stamp:
+        if any(p.device.type != "cpu" for b in blocks for p in b.parameters()):
+            raise ValueError("int8 generation (quantize='int8') runs on CPU only; the model is on "
+                             f"{next(blocks[0].parameters()).device}")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            # torch.ao.quantization is deprecated in favour of torchao since torch 2.10; its CPU
+            # kernels are the ones torch ships (fbgemm / oneDNN)
+            warnings.simplefilter("ignore")
+            copies = [quantize_dynamic(copy.deepcopy(b).float().eval().requires_grad_(False),
+                                       {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+                      for b in blocks]
+        cached = (stamp, copies)
+        model.__dict__["_int8_blocks"] = cached
+    for original, quantised in zip(blocks, cached[1]):
+        copies = dict(quantised.named_modules())
+        for name, module in original.named_modules():
+            for switch in _SWITCHES:
+                if hasattr(module, switch) and name in copies:
+                    setattr(copies[name], switch, getattr(module, switch))
+    return cached[1]
