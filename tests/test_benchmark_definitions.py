@@ -84,3 +84,16 @@ def test_transformer_benchmark_refuses_unknown_names():
     for bad in (["--modes", "exact,turbo"], ["--checkpointing", "sometimes"], ["--gen-options", "int4"]):
         with pytest.raises(SystemExit):
             T.parse_args(bad)
+
+
+def test_tokenizer_benchmark_interleaves_and_probes_each_row_in_its_own_process(capsys):
+    import tokenizer as TB
+
+    assert TB.main(["--preset", "tiny", "--sizes", "256", "--dtypes", "fp32", "--repeats", "2", "--warmup", "0",
+                    "--peak-n", "64", "--threads", "1"]) in (0, C.INVALID_EXIT)
+    out = json.loads(capsys.readouterr().out)
+    assert out["interleaved"] is True and "per row" in out["peak_memory"]
+    (row,) = out["results"]
+    assert len(row["encode_seconds_all"]) == len(row["decode_seconds_all"]) == 2
+    assert row["memory_own_process"]["peak_rss_gb"] > 0       # a fresh process answered
+    assert row["valid"] is (row["encode_utilisation"] <= 1 and row["decode_utilisation"] <= 1)
