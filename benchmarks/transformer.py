@@ -124,9 +124,9 @@ def step_flops(model: InfinityTransformer, schedule, text_lens: Sequence[int]) -
 # training step
 # --------------------------------------------------------------------------------------------
 class TrainCase:
-    def __init__(self, preset: str, pn: str, args, device: torch.device):
+    def __init__(self, preset: str, pn: str, args, device: torch.device, model: InfinityTransformer = None):
         self.device = device
-        self.model = build_model(preset, device).train()
+        self.model = (model if model is not None else build_model(preset, device)).train()
         cfg = self.model.config
         self.schedule = scales.resolve(pn, 1.0)
         L = self.schedule.num_tokens
