@@ -80,3 +80,31 @@ def test_unguided_last_scales_equal_an_explicit_cfg_list_and_skip_the_unconditio
     skipped = generate(model, text, SCHEDULE, cfg=3.0, cfg_schedule="unguided_last:2", skip_uncond=True, **kw)
     for a, b, c in zip(listed.token_bits, named.token_bits, skipped.token_bits):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_fast_generation_computes_the_text_keys_once_with_the_same_values(monkeypatch):
+    model = _small(seed=15).eval()
+    text = tiny_text(2, model.config.text_channels, lens=[4, 7])
+    kw = dict(cfg=[3.0, 3.0, 3.0, 1.0, 1.0], tau=1.0, top_k=900, top_p=0.97, seed=3, return_logits=True,
+              fast=True, skip_uncond=True)
+    calls = []
+    kv = type(model.block_list()[0].ca).kv
+    width = model.config.embed_dim         # the blocks' memory (the text pool reads the raw text once)
+    monkeypatch.setattr(type(model.block_list()[0].ca), "kv",
+                        lambda self, m: (m.shape[-1] == width and calls.append(m.shape)) or kv(self, m))
+    cached = generate(model, text, SCHEDULE, **kw)
+    # per block: once for both halves (scales 0-2), once for the conditional half (scales 3-4)
+    assert len(calls) == 2 * model.depth
+    assert all(b.ca.text_kv is None for b in model.block_list())
+    monkeypatch.setattr(type(model), "kv_caching", _kv_caching_without_text_cache)
+    calls.clear()
+    plain = generate(model, text, SCHEDULE, **kw)
+    assert len(calls) == len(SCHEDULE) * model.depth
+    for a, b in zip(cached.logit_diff, plain.logit_diff):
+        assert torch.equal(a, b)
+
+
+def _kv_caching_without_text_cache(self, enabled, capacity=None):
+    for block in self.block_list():
+        block.sa.kv_cache = (fast_attention.KVBuffer(capacity) if capacity is not None else []) if enabled else None
+        block.ca.text_kv = None

@@ -217,11 +217,24 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         #: fast path: round q, k, v to bf16 as the released flash-attn call (see fast_attention)
         self.round_bf16 = True
+        #: fast path, while generating with a KV cache: the text keys/values of the last padded
+        #: memory seen, ((data_ptr, shape, version), kv); None when off (see kv_caching)
+        self.text_kv: Optional[list] = None
 
     def kv(self, memory: torch.Tensor) -> torch.Tensor:
         """(N, kv_dim) -> (N, 2, H, hd)."""
         bias = torch.cat((self.zero_k_bias, self.v_bias))
         return linear_with_bias(self.mat_kv, memory, bias).view(-1, 2, self.num_heads, self.head_dim)
+
+    def _text_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """``kv(memory)``, reused while ``text_kv`` is on and the memory is the same tensor (every
+        scale of one generation reads the same text: the product is computed once, not per scale)."""
+        if self.text_kv is None:
+            return self.kv(memory)
+        key = (memory.data_ptr(), tuple(memory.shape), memory._version)
+        if not self.text_kv or self.text_kv[0] != key:
+            self.text_kv[:] = [key, self.kv(memory)]
+        return self.text_kv[1]
 
     def forward(self, x: Optional[torch.Tensor], memory: torch.Tensor, cu_seqlens: torch.Tensor,
                 batch_size: Optional[int] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -244,7 +257,7 @@ class CrossAttention(nn.Module):
 
     def _forward_padded(self, x: Optional[torch.Tensor], memory: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         B, T, _ = memory.shape
-        kv = self.kv(memory).view(B, T, 2, self.num_heads, self.head_dim)
+        kv = self._text_kv(memory).view(B, T, 2, self.num_heads, self.head_dim)
         if self.for_attn_pool:
             q = self.mat_q.unsqueeze(0).expand(B, 1, -1, -1)                     # (B, 1, H, hd)
         else:
@@ -674,13 +687,17 @@ class InfinityTransformer(nn.Module):
 
         ``capacity`` (tokens of the whole schedule) preallocates the cache
         (:class:`fast_attention.KVBuffer`, written in place) instead of growing it by
-        concatenation; on the exact path a KVBuffer holds the same values.
+        concatenation; on the exact path a KVBuffer holds the same values.  On the fast path the
+        cross-attention's text keys/values are kept too (computed once per generation instead of
+        once per scale; the same values).
         """
         for block in self.block_list():
             if not enabled:
                 block.sa.kv_cache = None
+                block.ca.text_kv = None
             else:
                 block.sa.kv_cache = fast_attention.KVBuffer(capacity) if capacity is not None else []
+                block.ca.text_kv = [] if self.fast_path else None
 
     def select_kv_cache(self, n: int) -> None:
         """Keep the first ``n`` sequences of every block's KV cache (drop the others)."""
