@@ -75,6 +75,9 @@ PLANS: Dict[str, Plan] = {
     "infinity-lightning fit var/quickstart model.tokenizer=runs/quickstart/tokenizer.pth --ckpt-path last":
         Run(("trainer.max_steps=3", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
              "data.num_samples=64")),
+    "infinity-lightning evaluate --pipeline runs/quickstart --out runs/quickstart_eval": Run(("--subset", "1")),
+    "infinity-lightning fit var/lora_quickstart model.weights=runs/quickstart/transformer.pth":
+        Run(FEW_STEPS + ("data.num_samples=64",)),
     "infinity-lightning fit var/finetune_2b trainer.devices=8 trainer.strategy=fsdp2 ...":
         Syntax("needs 8 GPUs"),
     "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d "

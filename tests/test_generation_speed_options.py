@@ -102,6 +102,12 @@ def test_fast_generation_computes_the_text_keys_once_with_the_same_values(monkey
     assert len(calls) == len(SCHEDULE) * model.depth
     for a, b in zip(cached.logit_diff, plain.logit_diff):
         assert torch.equal(a, b)
+    # under inference mode (tensors without a version counter) the cache works the same
+    monkeypatch.undo()
+    with torch.inference_mode():
+        inferred = generate(model, text, SCHEDULE, **kw)
+    for a, b in zip(cached.logit_diff, inferred.logit_diff):
+        assert torch.equal(a, b)
 
 
 def _kv_caching_without_text_cache(self, enabled, capacity=None):

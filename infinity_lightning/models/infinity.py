@@ -218,7 +218,7 @@ class CrossAttention(nn.Module):
         #: fast path: round q, k, v to bf16 as the released flash-attn call (see fast_attention)
         self.round_bf16 = True
         #: fast path, while generating with a KV cache: the text keys/values of the last padded
-        #: memory seen, ((data_ptr, shape, version), kv); None when off (see kv_caching)
+        #: memory seen, [memory, version, kv]; None when off (see kv_caching)
         self.text_kv: Optional[list] = None
 
     def kv(self, memory: torch.Tensor) -> torch.Tensor:
@@ -231,10 +231,13 @@ class CrossAttention(nn.Module):
         scale of one generation reads the same text: the product is computed once, not per scale)."""
         if self.text_kv is None:
             return self.kv(memory)
-        key = (memory.data_ptr(), tuple(memory.shape), memory._version)
-        if not self.text_kv or self.text_kv[0] != key:
-            self.text_kv[:] = [key, self.kv(memory)]
-        return self.text_kv[1]
+        # the cache holds the memory tensor itself, so its storage cannot be reused by another one;
+        # inference tensors (torch.inference_mode) have no version counter and cannot be changed
+        # in place outside inference mode
+        version = -1 if memory.is_inference() else memory._version
+        if not self.text_kv or self.text_kv[0] is not memory or self.text_kv[1] != version:
+            self.text_kv[:] = [memory, version, self.kv(memory)]
+        return self.text_kv[2]
 
     def forward(self, x: Optional[torch.Tensor], memory: torch.Tensor, cu_seqlens: torch.Tensor,
                 batch_size: Optional[int] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
