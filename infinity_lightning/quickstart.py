@@ -52,7 +52,7 @@ QUICK_OVERRIDES: Dict[str, List[str]] = {
                   "optim.lr=0.005", "trainer.log_every_n_steps=10", "+model.overrides.base_ch=16",
                   "model.overrides.norm_groups=1"],
     "var": ["trainer.max_steps=8", "data.batch_size=8", "data.num_samples=64", "optim.warmup_steps=2",
-            "trainer.log_every_n_steps=5", "callbacks.sample_logger=null", "callbacks.checkpoint=null"],
+            "trainer.log_every_n_steps=5", "callbacks.sample_logger=null"],
 }
 #: Sizes of the evaluation sets: full run and ``--quick``.
 _FULL = dict(psnr_images=128, val_samples=256, subset=None)
@@ -173,9 +173,11 @@ def _fit(run: PhaseContext, built: Any, name: str, minutes: float, datamodule: A
 
     budget = TimeBudget(minutes=max(minutes, 0.05))
     kw = dict(built.trainer_kwargs)
+    # the recipe's checkpoint callback (if any) writes where the recipe says; none is added here
+    checkpoints = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in built.callbacks)
     kw.update(logger=TensorBoardLogger(save_dir=str(run.out / "logs"), name=name, version=""),
               default_root_dir=str(run.out / "logs" / name), enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False)
+              enable_model_summary=False, enable_checkpointing=checkpoints)
     trainer = pl.Trainer(callbacks=list(built.callbacks) + [budget, _Progress(run.say, name)], **kw)
     trainer.fit(built.module, datamodule=datamodule or built.datamodule)
     return trainer, budget

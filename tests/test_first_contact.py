@@ -182,3 +182,8 @@ def test_small_text_encoders_load_without_progress_bars(tmp_path, capfd):
     capfd.readouterr()
     build_text_encoder(str(folder), {}, tmp_path)
     assert "Loading weights" not in capfd.readouterr().err
+    from infinity_lightning.models.text_encoder import TextEncoder
+
+    TextEncoder.from_pretrained(folder)  # the quick start and the pipeline load it directly
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -31,6 +31,8 @@ def test_quick_run_writes_every_output(quick_run):
                  "transformer.pth", "transformer.json", "pipeline.json", "text_encoder/config.json",
                  "text_encoder/tokenizer_config.json", "recipes/tokenizer.yaml", "recipes/var.yaml"):
         assert (out / name).is_file(), name
+    # the transformer recipe's checkpoint callback runs inside the quick start (it keeps its callbacks)
+    assert list((out / "logs" / "transformer").rglob("last.ckpt"))
     for phase in ("tokenizer", "transformer", "eval"):
         assert list((out / "logs" / phase).rglob("events.out.tfevents.*")), f"no TensorBoard events for {phase}"
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))

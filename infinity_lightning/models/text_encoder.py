@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..io import PathLike
+from ..quiet import hf_progress_bars_off, is_small_model
 
 logger = logging.getLogger(__name__)
 
@@ -283,16 +284,17 @@ class TextEncoder(nn.Module):
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         load_kw = {_transformers_dtype_kwarg(): dtype, "local_files_only": True}
-        if config.model_type in ("t5", "mt5", "umt5"):
-            import transformers
+        with hf_progress_bars_off(is_small_model(folder)):  # a bar for a tiny local encoder is noise
+            if config.model_type in ("t5", "mt5", "umt5"):
+                import transformers
 
-            encoder_cls = getattr(transformers, {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
-                                                 "umt5": "UMT5EncoderModel"}[config.model_type])
-            encoder = encoder_cls.from_pretrained(folder, **load_kw)
-        else:
-            encoder = AutoModel.from_pretrained(folder, **load_kw)
-            if getattr(encoder.config, "is_encoder_decoder", False):
-                encoder = encoder.get_encoder()
+                encoder_cls = getattr(transformers, {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
+                                                     "umt5": "UMT5EncoderModel"}[config.model_type])
+                encoder = encoder_cls.from_pretrained(folder, **load_kw)
+            else:
+                encoder = AutoModel.from_pretrained(folder, **load_kw)
+                if getattr(encoder.config, "is_encoder_decoder", False):
+                    encoder = encoder.get_encoder()
         if quantization is not None:
             # Modules the model class keeps in fp32 (T5's FFN output ``wo``) stay unquantized, as
             # transformers' own loader does: T5 casts the FFN activations to ``wo.weight.dtype``,
