@@ -62,7 +62,7 @@ from .io import CheckpointError, atomic_write
 from .models.infinity import TransformerConfig
 from .models.text_encoder import TextEncoder
 from .presets import RELEASED_VARIANTS, TOKENIZER_FILES, released_architecture
-from .quiet import hf_progress_bars_off, is_small_model
+from .quiet import SMALL_MODEL_BYTES, hf_progress_bars_off, is_small_model
 from .sampling import SamplingConfig
 from .scales import ScaleSchedule
 
@@ -365,7 +365,9 @@ def save_components(folder: PathLike, transformer: nn.Module, tokenizer: nn.Modu
     if text_encoder is not None:
         tmp = Path(tempfile.mkdtemp(prefix=".text_encoder.", dir=str(folder)))
         try:
-            text_encoder.encoder.save_pretrained(tmp)
+            small = sum(p.numel() * p.element_size() for p in text_encoder.encoder.parameters()) < SMALL_MODEL_BYTES
+            with hf_progress_bars_off(small):  # no "Writing model shards" bar for a tiny encoder
+                text_encoder.encoder.save_pretrained(tmp)
             text_encoder.tokenizer.save_pretrained(tmp)
             if (folder / "text_encoder").exists():
                 shutil.rmtree(folder / "text_encoder")

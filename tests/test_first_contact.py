@@ -184,6 +184,14 @@ def test_small_text_encoders_load_without_progress_bars(tmp_path, capfd):
     assert "Loading weights" not in capfd.readouterr().err
     from infinity_lightning.models.text_encoder import TextEncoder
 
-    TextEncoder.from_pretrained(folder)  # the quick start and the pipeline load it directly
+    encoder = TextEncoder.from_pretrained(folder)  # the quick start and the pipeline load it directly
     assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    from infinity_lightning.loading import save_components
+    from infinity_lightning.sampling import SamplingConfig
+    from tests.test_var_module import tiny_tokenizer, tiny_transformer
+
+    save_components(tmp_path / "pipe", tiny_transformer(), tiny_tokenizer(), encoder, 64, SamplingConfig())
+    assert (tmp_path / "pipe" / "text_encoder" / "config.json").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()

@@ -115,6 +115,7 @@ def test_recipe_builds(name, tmp_path):
             assert "SampleLogger" in names
         expected = {"var/pretrain_layer12_256": (12, 768, 4), "var/quickstart": (4, 192, 1),
                     "var/emoji": (4, 192, 1), "var/finetune_2b": (2, 64, 2)}.get(name)
+        assert module.transformer.attention_backend == (cfg.model.get("attention_backend") or "exact")
         if expected is not None:
             c = module.transformer.config
             assert (c.depth, c.embed_dim, c.block_chunks) == expected
@@ -141,6 +142,8 @@ def test_var_recipes_reject_unknown_and_missing_keys(tmp_path):
         prepare("var/pretrain_layer12_256", [], output_dir=str(tmp_path), logger="none")
     with pytest.raises(Exception, match="drop_mismatched"):
         prepare("var/quickstart", ["model.drop_mismatched=[heads]"], output_dir=str(tmp_path), logger="none")
+    with pytest.raises(RecipeError, match="model.attention_backend"):
+        prepare("var/quickstart", ["model.attention_backend=flash"], output_dir=str(tmp_path), logger="none")
 
 
 def test_strategy_keys_map_to_our_strategies(tmp_path):

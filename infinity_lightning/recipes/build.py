@@ -79,6 +79,7 @@ VAR_MODEL: Dict[str, Any] = {
     "use_ema_weights": bool,
     "init": {"tini": float, "aln": float, "alng": float, "hd0": float},
     "activation_checkpointing": Optional[Literal["full-block", "self-attn"]],
+    "attention_backend": Literal["exact", "fast"],
     "tokenizer": str,
     "random_tokenizer": bool,
     "tokenizer_overrides": Optional[Dict[str, Any]],
@@ -320,6 +321,8 @@ def build_transformer(model_cfg: Mapping[str, Any], seed: int = 0, where: str = 
         if weights:
             model.dropped_keys = load_transformer_weights(model, weights, drop, use_ema)
     model.set_activation_checkpointing(model_cfg.get("activation_checkpointing"))
+    # "fast": unpadded block-causal attention (equal to exact within rounding; docs/model.md)
+    model.set_attention_backend(model_cfg.get("attention_backend") or "exact")
     model.train().requires_grad_(True)
     lora_cfg = model_cfg.get("lora")
     if lora_cfg:
