@@ -99,16 +99,19 @@ def test_a_random_tokenizer_needs_an_opt_in_and_a_file_keeps_its_settings(tmp_pa
                                        r"tokenizer file .* or set model.random_tokenizer=true"):
         main(["fit", "var/quickstart", "--output-dir", str(tmp_path / "a"), "--dry-run"])
     assert capsys.readouterr().err.startswith("error: recipe ")
-    # a trained tokenizer whose file stores norm_groups 'auto' against the recipe's override of 8
+    # a trained tokenizer whose file stores the preset's widths and norm_groups 'auto' against the
+    # recipe's overrides (base_ch 16, no residual blocks, norm_groups 4): every contradiction is named
     path = save_tokenizer(load_tokenizer("tiny_f8"), tmp_path / "tokenizer.pth")
     with pytest.raises(UserExit, match=r"model.tokenizer_overrides: tokenizer file .*tokenizer.pth stores its "
-                                       r"architecture, and the override norm_groups=8 \(the file has 'auto'\) "
+                                       r"architecture, and the override base_ch=16 \(the file has 32\), "
+                                       r"num_res_blocks=0 \(the file has 1\), norm_groups=4 \(the file has 'auto'\) "
                                        r"contradicts it"):
         main(["fit", "var/quickstart", f"model.tokenizer={path}", "--output-dir", str(tmp_path / "b"), "--dry-run"])
     # the same file with the override removed (or one that repeats the file's value) is used as it is
     assert main(["fit", "var/quickstart", f"model.tokenizer={path}", "model.tokenizer_overrides={}", *TINY[:-1],
                  "--output-dir", str(tmp_path / "b"), "--dry-run"]) == 0
-    agreeing = save_tokenizer(load_tokenizer("tiny_f8", norm_groups=8), tmp_path / "tok8.pth")
+    agreeing = save_tokenizer(load_tokenizer("tiny_f8", base_ch=16, num_res_blocks=0, norm_groups=4),
+                              tmp_path / "tok_quickstart.pth")
     assert main(["fit", "var/quickstart", f"model.tokenizer={agreeing}", *TINY[:-1],
                  "--output-dir", str(tmp_path / "c"), "--dry-run"]) == 0
 
