@@ -58,7 +58,7 @@ Plan = Union[Run, Syntax]
 #: Documented command (continuation lines joined, spaces collapsed) -> how it is checked.
 PLANS: Dict[str, Plan] = {
     # README.md
-    "make quickstart": Syntax("installs the package and trains for about 12 minutes; tests/test_quickstart.py runs the "
+    "make quickstart": Syntax("installs the package and trains for about 13 minutes; tests/test_quickstart.py runs the "
                               "quick start itself"),
     "make test": Syntax("runs this test suite"),
     'infinity-lightning generate --pipeline weights --variant 2b --prompt "a red apple" --seed 1 --out out/':
@@ -97,6 +97,13 @@ PLANS: Dict[str, Plan] = {
     "trainer.num_nodes=2 trainer.strategy=fsdp2": Syntax("needs two nodes of 8 GPUs"),
     "srun infinity-lightning fit var/finetune_2b trainer.devices=8 trainer.num_nodes=2 trainer.strategy=fsdp2":
         Syntax("needs a SLURM cluster"),
+    # docs/experiments.md
+    "infinity-lightning quickstart --out runs/quickstart [docs/experiments.md]":
+        Syntax("trains for about 13 minutes; tests/test_quickstart.py runs the quick start itself"),
+    "python benchmarks/lora_concept.py --quickstart runs/quickstart --out runs/lora_concept":
+        Syntax("trains a LoRA for nine minutes and judges 624 images"),
+    "python benchmarks/ablation_self_correction.py --from runs/quickstart --out runs/ablation --minutes 5 "
+    "--strengths 0 0.1 0.2 0.3 --taus 0.5 1.0": Syntax("trains four transformers of five minutes each"),
     # docs/recipes.md
     "infinity-lightning fit var/finetune_2b model.weights=weights/infinity_2b_reg.pth "
     "model.tokenizer=weights/infinity_vae_d32reg.pth model.text_encoder=weights/flan-t5-xl data.name=folder "
@@ -261,7 +268,7 @@ def stand_ins(tmp_path_factory) -> Path:
     # GroupNorm groups and a tiny T5 of width 64
     quickstart = root / "runs" / "quickstart"
     save_transformer(load_transformer("small"), quickstart / "transformer.pth", format="released")
-    save_tokenizer(load_tokenizer("tiny_f8", norm_groups=8), quickstart / "tokenizer.pth")
+    save_tokenizer(load_tokenizer("tiny_f8", base_ch=16, num_res_blocks=0, norm_groups=4), quickstart / "tokenizer.pth")
     from infinity_lightning.datamodules.shapes import DEFAULT_COLOURS, ShapesDataModule
 
     shapes = ShapesDataModule(num_samples=1000, colours=["pink", *DEFAULT_COLOURS]).generator
@@ -321,6 +328,9 @@ def check_syntax(command: Command) -> None:
             done = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
             assert done.returncode == 0, f"{where}: make -n {target}: {done.stderr}"
         return
+    if tokens[0] == "python" and tokens[1].startswith("benchmarks/"):
+        _check_benchmark_arguments(tokens[1], tokens[2:], where)
+        return
     if tokens[:3] == ["python", "-m", "pytest"]:
         paths = [t for t in tokens[3:] if not t.startswith("-")]
         assert paths and all((ROOT / p).exists() for p in paths), f"{where}: no such test path"
@@ -337,6 +347,39 @@ def check_syntax(command: Command) -> None:
         dummies = [f"{k}=stand-in" for k in missing_values(load_recipe(args.recipe, components=recipe_components))
                    if k not in given]
         load_run_recipe(args.recipe, list(args.overrides) + dummies)  # every key exists and has the right type
+
+
+class _Parsed(Exception):
+    """Raised once a benchmark script has parsed its arguments (nothing is run)."""
+
+
+def _check_benchmark_arguments(script: str, argv: List[str], where: str) -> None:
+    """``python benchmarks/NAME.py ARGS``: the script exists and its own parser accepts ARGS."""
+    import argparse
+    import importlib.util
+    import sys
+
+    path = ROOT / script
+    assert path.is_file(), f"{where}: no such script"
+    spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        original(self, args, namespace)  # exits 2 on an unknown or malformed argument
+        raise _Parsed
+
+    try:
+        spec.loader.exec_module(module)
+        argparse.ArgumentParser.parse_args = parse_only
+        with pytest.raises(_Parsed):
+            module.main(argv)
+    except SystemExit as e:
+        raise AssertionError(f"{where}: the script refuses its arguments (exit {e.code})") from e
+    finally:
+        argparse.ArgumentParser.parse_args = original
+        sys.path.remove(str(path.parent))
 
 
 def _check(commands: List[Command]) -> None:
@@ -386,7 +429,9 @@ def test_syntax_checks_catch_broken_commands():
     for text, match in [("infinity-lightning fit var/finetune_2b trainer.devicse=8", "trainer.devicse"),
                         ("infinity-lightning fit var/no_such_recipe", "not found"),
                         ("srun infinity-lightning train var/finetune_2b", "train"),
-                        ("make no-such-target", "no-such-target")]:
+                        ("make no-such-target", "no-such-target"),
+                        ("python benchmarks/lora_concept.py --quickstrat runs/x", "refuses its arguments"),
+                        ("python benchmarks/no_such_script.py", "no such script")]:
         with pytest.raises((AssertionError, SystemExit, ValueError), match=match):
             check_syntax(Command("x.md", 1, text))
 
