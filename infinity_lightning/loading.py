@@ -62,7 +62,7 @@ from .io import CheckpointError, atomic_write
 from .models.infinity import TransformerConfig
 from .models.text_encoder import TextEncoder
 from .presets import RELEASED_VARIANTS, TOKENIZER_FILES, released_architecture
-from .quiet import SMALL_MODEL_BYTES, hf_progress_bars_off, is_small_model
+from .quiet import SMALL_MODEL_BYTES, hf_progress_bars_off
 from .sampling import SamplingConfig
 from .scales import ScaleSchedule
 
@@ -422,8 +422,7 @@ def _text_encoder(spec: Any, folder: Optional[Path], fetched: bool, repo_id: str
             f"{folder}/flan-t5-xl), or pass text_encoder=FOLDER")
     names["text_encoder"] = str(path)
     dtype = parse_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16), "text encoder dtype")
-    with hf_progress_bars_off(is_small_model(path)):  # a bar for a tiny local encoder is noise
-        return TextEncoder.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+    return TextEncoder.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
 
 
 def load_components(path_or_repo_id: Optional[PathLike] = None, *, transformer: Any = None, tokenizer: Any = None,

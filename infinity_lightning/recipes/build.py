@@ -389,7 +389,6 @@ def build_text_encoder(spec: Optional[str], kwargs: Optional[Mapping[str, Any]],
     Hugging Face folder."""
     from ..dtypes import parse_dtype
     from ..models.text_encoder import TextEncoder
-    from ..quiet import hf_progress_bars_off, is_small_model
     from ..tiny import make_tiny_t5
 
     if spec is None:
@@ -404,8 +403,7 @@ def build_text_encoder(spec: Optional[str], kwargs: Optional[Mapping[str, Any]],
             texts = (list(_dataset_captions(datamodule)) if datamodule is not None else []) + list(extra_texts)
             make_tiny_t5(folder, texts or None, d_model=d_model, num_heads=max(1, d_model // 32))
         spec = folder
-    with hf_progress_bars_off(is_small_model(spec)):  # a bar for a tiny local encoder is noise
-        return TextEncoder.from_pretrained(spec, **kwargs)
+    return TextEncoder.from_pretrained(spec, **kwargs)  # quiet for small encoders
 
 
 def _check_tokenizer_source(model_cfg: Mapping[str, Any], where: str) -> None:
