@@ -106,6 +106,22 @@ def test_exports_get_the_usual_file_permissions(tmp_path):
         os.umask(old)
 
 
+def test_a_saved_pipeline_folder_is_readable_by_others(tmp_path):
+    from infinity_lightning.pipeline import InfinityPipeline
+    from infinity_lightning.tiny import make_tiny_pipeline
+
+    old = os.umask(0o022)
+    try:
+        pipe = InfinityPipeline.from_pretrained(make_tiny_pipeline(tmp_path / "tiny", layout="generic"), device="cpu")
+        out = pipe.save_pretrained(tmp_path / "saved")
+        folders = [out / "text_encoder"]
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in folders] == ["0o755"]  # not mkdtemp's 0700
+        assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}, files
+    finally:
+        os.umask(old)
+
+
 # -- batch commands ----------------------------------------------------------------------------------
 def test_reconstruct_skips_a_bad_image_and_scores_the_others(tmp_path, capsys):
     good = tmp_path / "good.png"
