@@ -41,7 +41,7 @@ def _stand_ins(name: str, tmp: Path) -> List[str]:
     """Overrides replacing the weights and data a recipe needs by tiny local files."""
     # the var recipes' preset tokenizers (random weights) are what these builds are about
     out = [f"+output_dir={tmp / 'run'}", "model.random_tokenizer=true"] if name.startswith("var/") else []
-    if name == "var/quickstart":
+    if name in ("var/quickstart", "var/shapes_long"):
         return out + ["data.num_samples=16"]
     if name == "var/emoji":
         return out + ["data.max_emoji=16"]
