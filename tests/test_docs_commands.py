@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "tests" / "assets" / "README.md"]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 #: Arguments that shrink a VAR run to two steps on this CPU.
 FEW_STEPS = ("trainer.max_steps=2", "trainer.precision=32-true", "trainer.log_every_n_steps=1")
@@ -100,6 +100,15 @@ PLANS: Dict[str, Plan] = {
     # docs/experiments.md
     "infinity-lightning quickstart --out runs/quickstart [docs/experiments.md]":
         Syntax("trains for about 13 minutes; tests/test_quickstart.py runs the quick start itself"),
+    "infinity-lightning quickstart --out runs/long --budget-minutes 60 --var-recipe var/shapes_long":
+        Syntax("trains for about 48 minutes; tests/test_quickstart.py runs the quick start itself"),
+    "python benchmarks/tokenizer_ceiling.py --tokenizer runs/long/tokenizer.pth":
+        Syntax("needs the hour's run; tests/test_tokenizer_ceiling.py runs the script on the committed asset"),
+    "python benchmarks/ablation_self_correction.py --from runs/quickstart --out runs/ablation_tuning --minutes 5 "
+    "--strengths 0 0.2 --taus 0.5 --protocol runs/tuning_protocol.json": Syntax("trains two transformers of five minutes each"),
+    # tests/assets/README.md
+    "python tests/assets/build_edit_model.py --base runs/long --out tests/assets/shapes_long --measure":
+        Syntax("needs the hour's run and rewrites the committed asset"),
     "python benchmarks/lora_concept.py --quickstart runs/quickstart --out runs/lora_concept":
         Syntax("trains a LoRA for nine minutes and judges 624 images"),
     "python benchmarks/ablation_self_correction.py --from runs/quickstart --out runs/ablation --minutes 5 "
@@ -328,7 +337,7 @@ def check_syntax(command: Command) -> None:
             done = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
             assert done.returncode == 0, f"{where}: make -n {target}: {done.stderr}"
         return
-    if tokens[0] == "python" and tokens[1].startswith("benchmarks/"):
+    if tokens[0] == "python" and tokens[1].startswith(("benchmarks/", "tests/assets/")):
         _check_benchmark_arguments(tokens[1], tokens[2:], where)
         return
     if tokens[:3] == ["python", "-m", "pytest"]:
@@ -354,7 +363,8 @@ class _Parsed(Exception):
 
 
 def _check_benchmark_arguments(script: str, argv: List[str], where: str) -> None:
-    """``python benchmarks/NAME.py ARGS``: the script exists and its own parser accepts ARGS."""
+    """``python benchmarks/NAME.py ARGS`` (or a script of tests/assets): the script exists and its own
+    parser accepts ARGS."""
     import argparse
     import importlib.util
     import sys
