@@ -40,14 +40,14 @@ def tokenizer_round_trip(path: str, image_size: int):
     return reconstruct
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", help="protocol file (default: the shipped shapes_v1.json)")
     parser.add_argument("--tokenizer", help="trained tokenizer weights: also score its reconstructions")
     parser.add_argument("--per-family", type=int, default=48, help="adversarial cases per family (default 48)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     protocol = load_protocol(args.protocol)
     reconstruct = tokenizer_round_trip(args.tokenizer, protocol.image_size) if args.tokenizer else None

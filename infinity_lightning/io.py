@@ -49,6 +49,12 @@ def _umask() -> int:
     return mask
 
 
+def usual_permissions(path: PathLike) -> None:
+    """Give ``path`` the permissions a plain ``open()`` or ``mkdir()`` would: 0666 for a file, 0777
+    for a folder, less the umask (temporary files and folders are created 0600 / 0700)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def atomic_write(path: PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` and atomically rename the result to ``path``."""
     path = Path(path)
@@ -59,7 +65,7 @@ def atomic_write(path: PathLike, write_fn) -> Path:
         write_fn(tmp)
         # mkstemp creates the file 0600, and writers that replace the file (safetensors' save_file)
         # keep that: give the result the permissions a plain open() would, after writing.
-        os.chmod(tmp, 0o666 & ~_umask())
+        usual_permissions(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -58,11 +58,11 @@ from .io import PathLike
 from .checkpoints import load_tokenizer, load_transformer, save_tokenizer, save_transformer
 from .dtypes import parse_dtype
 from .errors import UserError
-from .io import CheckpointError, _umask, atomic_write
+from .io import CheckpointError, atomic_write, usual_permissions
 from .models.infinity import TransformerConfig
 from .models.text_encoder import TextEncoder
 from .presets import RELEASED_VARIANTS, TOKENIZER_FILES, released_architecture
-from .quiet import SMALL_MODEL_BYTES, hf_progress_bars_off
+from .quiet import hf_progress_bars_off, is_small_module
 from .sampling import SamplingConfig
 from .scales import ScaleSchedule
 
@@ -365,14 +365,11 @@ def save_components(folder: PathLike, transformer: nn.Module, tokenizer: nn.Modu
     if text_encoder is not None:
         tmp = Path(tempfile.mkdtemp(prefix=".text_encoder.", dir=str(folder)))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the usual folder permissions
-            small = sum(p.numel() * p.element_size() for p in text_encoder.encoder.parameters()) < SMALL_MODEL_BYTES
-            with hf_progress_bars_off(small):  # no "Writing model shards" bar for a tiny encoder
+            with hf_progress_bars_off(is_small_module(text_encoder.encoder)):  # no "Writing model shards" bar
                 text_encoder.encoder.save_pretrained(tmp)
             text_encoder.tokenizer.save_pretrained(tmp)
-            for written in tmp.rglob("*"):  # transformers writes model.safetensors 0600
-                if written.is_file():
-                    os.chmod(written, 0o666 & ~_umask())
+            for written in [tmp, *tmp.rglob("*")]:  # mkdtemp makes the folder 0700, transformers model.safetensors 0600
+                usual_permissions(written)
             if (folder / "text_encoder").exists():
                 shutil.rmtree(folder / "text_encoder")
             os.replace(tmp, folder / "text_encoder")

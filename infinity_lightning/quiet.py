@@ -17,9 +17,9 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
-__all__ = ["hf_progress_bars_off", "is_small_model", "silence_known_noise", "SMALL_MODEL_BYTES", "QUIET_WARNINGS"]
+__all__ = ["hf_progress_bars_off", "is_small_model", "is_small_module", "silence_known_noise", "SMALL_MODEL_BYTES", "QUIET_WARNINGS"]
 
 #: Warnings that say nothing a user can act on: Lightning's own deprecated internals; the frozen
 #: (eval-mode) helper networks of the modules, which are meant so; the validation step of recipes
@@ -80,3 +80,9 @@ def is_small_model(folder: Union[str, os.PathLike]) -> bool:
         return True
     total = sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     return total < SMALL_MODEL_BYTES
+
+
+def is_small_module(module: Any) -> bool:
+    """Whether ``module``'s parameters take less than :data:`SMALL_MODEL_BYTES` (as
+    :func:`is_small_model` for a model in memory, before it is saved)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters()) < SMALL_MODEL_BYTES

@@ -102,8 +102,8 @@ PLANS: Dict[str, Plan] = {
         Syntax("trains for about 13 minutes; tests/test_quickstart.py runs the quick start itself"),
     "infinity-lightning quickstart --out runs/long --budget-minutes 60 --var-recipe var/shapes_long":
         Syntax("trains for about 48 minutes; tests/test_quickstart.py runs the quick start itself"),
-    "python benchmarks/tokenizer_ceiling.py --tokenizer runs/long/tokenizer.pth":
-        Syntax("needs the hour's run; tests/test_tokenizer_ceiling.py runs the script on the committed asset"),
+    "python benchmarks/evaluation_calibration.py --tokenizer runs/long/tokenizer.pth --per-family 1":
+        Syntax("needs the hour's run; tests/test_tokenizer_reconstruction_scores.py runs the script on the committed asset"),
     "python benchmarks/ablation_self_correction.py --from runs/quickstart --out runs/ablation_tuning --minutes 5 "
     "--strengths 0 0.2 --taus 0.5 --protocol runs/tuning_protocol.json": Syntax("trains two transformers of five minutes each"),
     # tests/assets/README.md
